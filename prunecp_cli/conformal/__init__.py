@@ -1,0 +1,1 @@
+"""conformal subpackage of prunecp."""

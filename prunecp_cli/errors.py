@@ -1,0 +1,62 @@
+"""The error hierarchy of prunecp.
+
+Every error a user can cause is a :class:`PrunecpError` subclass whose message says what is wrong,
+why, and how to fix it, in one line. Only ``app.py`` turns them into a stderr line and an exit code:
+
+* ``2`` :class:`UsageError`: a flag or value the user gave is not acceptable.
+* ``3`` :class:`InputError` and subclasses: a checkpoint, data file, scores file or certificate is
+  unreadable or inconsistent, or the request cannot be met with the data given.
+* ``4`` :class:`CertificationFailed`: ``certify`` found that the certificate does not hold.
+
+Anything else that escapes is a bug and exits with ``1``.
+"""
+
+from __future__ import annotations
+
+
+class PrunecpError(Exception):
+    """Base class of every error prunecp reports to a user."""
+
+    exit_code: int = 1
+
+
+class UsageError(PrunecpError):
+    """A command-line value is out of range or options contradict each other."""
+
+    exit_code = 2
+
+
+class InputError(PrunecpError):
+    """An input file or its content cannot be used."""
+
+    exit_code = 3
+
+
+class CheckpointError(InputError):
+    """A checkpoint is unreadable or does not match the architecture."""
+
+
+class DataError(InputError):
+    """A data file is unreadable, malformed or inconsistent with the model."""
+
+
+class PlanError(InputError):
+    """A pruning request cannot be met, or the pruned model fails its validation."""
+
+
+class ScoresError(InputError):
+    """An ``importance.json`` file is malformed or belongs to another model."""
+
+
+class CalibrationError(InputError):
+    """Calibration is impossible with the data given (too few points, reused data, ...)."""
+
+
+class CertificateError(InputError):
+    """A certificate file is malformed or of an unknown schema."""
+
+
+class CertificationFailed(PrunecpError):
+    """``certify`` found that a certificate does not hold for the model and data."""
+
+    exit_code = 4

@@ -1,0 +1,1 @@
+"""riskcontrol subpackage of prunecp."""

@@ -1,0 +1,1 @@
+"""surgery subpackage of prunecp."""
