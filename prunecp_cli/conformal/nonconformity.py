@@ -1,0 +1,340 @@
+"""Nonconformity functions for split-conformal classification: LAC, APS and RAPS on logits.
+
+Every function here is pure tensor maths: logits in, scores out, on the device of the logits.
+Larger scores mean "less conforming"; a prediction set is ``{y : s(x, y) <= qhat}``.
+
+Conventions every caller relies on:
+
+* **Precision.** Softmax, cumulative sums and scores are computed in float64 whatever the dtype of
+  the logits, and scores are returned as float64. The calibration quantile ``qhat`` is one of these
+  float64 scores, so a test point with the same score is included exactly, and a ``qhat`` stored in
+  JSON (Python's ``repr`` of a float round-trips) rebuilds identical sets.
+* **Ranks and ties.** Labels are ranked by softmax probability, highest first (rank 1). Equal
+  probabilities are ordered by label index, lower index first (a stable descending sort), so the
+  ordering, and therefore every APS/RAPS score, is deterministic.
+* **Randomisation.** Randomised APS/RAPS draw one ``U ~ Unif(0, 1)`` per example, shared by all the
+  labels of that example so that sets stay nested in ``qhat``. ``U`` is
+  ``torch.rand(N, dtype=float64, generator=generator, device=generator.device)``, moved to the
+  logits' device; with ``generator=None`` the score's own ``make_generator(stream=0)`` is used. Use a
+  different stream (or one continuing generator) for each data set: calibration and test points
+  must not reuse the same ``U`` values, or they stop being exchangeable.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from prunecp_cli.errors import CertificateError, DataError, UsageError
+
+__all__ = [
+    "APS",
+    "LAC",
+    "NONCONFORMITY",
+    "RAPS",
+    "Nonconformity",
+    "choose_k_reg",
+    "from_parameters",
+    "label_ranks",
+    "prediction_sets",
+]
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D float tensor [N, K], got {shape}")
+    return torch.softmax(logits.to(torch.float64), dim=1)
+
+
+def _sorted_order(probs: torch.Tensor) -> torch.Tensor:
+    """Label indices per row, most probable first; equal probabilities keep label order."""
+    return torch.sort(probs, dim=1, descending=True, stable=True).indices
+
+
+def _check_labels(labels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must be a 1-D tensor of length {n}, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(
+            f"label {bad} is outside 0..{k - 1} for a model with {k} outputs; "
+            "check that the data's labels match the model's classes"
+        )
+    return labels.to(torch.int64)
+
+
+def label_ranks(logits: torch.Tensor) -> torch.Tensor:
+    """1-based rank ``o(x, y)`` of every label when the softmax is sorted descending.
+
+    Args:
+        logits: Float tensor [N, K].
+
+    Returns:
+        Int64 tensor [N, K]; ``out[i, y]`` is 1 for the most probable label. Ties are broken by label
+        index, lower index ranked first.
+    """
+    order = _sorted_order(_probs(logits))
+    ranks = torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+class Nonconformity(abc.ABC):
+    """A nonconformity function ``s(x, y)`` computed from logits (larger = stranger).
+
+    Subclasses set ``name`` and implement :meth:`all_scores`; :meth:`label_scores` is the same
+    computation gathered at the given labels, so both agree exactly for the same generator state.
+    """
+
+    name: ClassVar[str]
+    randomized: bool = False
+    seed: int | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        """JSON-serialisable parameters; ``from_parameters(self.name, self.parameters())`` rebuilds it."""
+        return {}
+
+    @abc.abstractmethod
+    def all_scores(self, logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Score of every candidate label.
+
+        Args:
+            logits: Float tensor [N, K].
+            generator: Source of ``U`` for randomised scores; ignored otherwise.
+
+        Returns:
+            Float64 tensor [N, K] on the logits' device.
+        """
+
+    def label_scores(
+        self, logits: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Score of the given label of each example (``all_scores`` gathered at ``labels``).
+
+        Args:
+            logits: Float tensor [N, K].
+            labels: Integer tensor [N] with values in ``0..K-1``.
+            generator: Source of ``U`` for randomised scores; the same state as for ``all_scores``
+                gives the same ``U`` and so the same values.
+
+        Returns:
+            Float64 tensor [N] on the logits' device.
+
+        Raises:
+            DataError: A label lies outside ``0..K-1``.
+        """
+        scores = self.all_scores(logits, generator=generator)
+        labels = _check_labels(labels, scores.shape[0], scores.shape[1]).to(scores.device)
+        return scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    def make_generator(self, *, stream: int = 0) -> torch.Generator:
+        """A CPU generator derived from ``(seed, stream)`` for randomised scores.
+
+        Args:
+            stream: Non-negative stream number; use one per data set (e.g. 0 calibration, 1 test).
+
+        Returns:
+            A freshly seeded ``torch.Generator`` on the CPU.
+        """
+        seed = 0 if self.seed is None else self.seed
+        state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.parameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class LAC(Nonconformity):
+    """Least-ambiguous set-valued classifier score ``s(x, y) = 1 - softmax_y(x)``.
+
+    Sadinle, Lei & Wasserman, "Least Ambiguous Set-Valued Classifiers with Bounded Error Levels",
+    JASA 2019.
+    """
+
+    name = "lac"
+
+    def all_scores(self, logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        return 1.0 - _probs(logits)
+
+
+class APS(Nonconformity):
+    """Adaptive prediction sets: ``s(x, y) = sum_{j < o(x,y)} pi_(j)(x) + U * pi_y(x)``.
+
+    Romano, Sesia & Candès, "Classification with Valid and Adaptive Coverage", NeurIPS 2020
+    (https://arxiv.org/abs/2006.02544). ``o(x, y)`` is the 1-based rank of ``y`` with probabilities
+    sorted descending (ties: lower label index first). Non-randomised by default (``U = 1``, so the
+    score is the cumulative probability up to and including ``y``).
+
+    Args:
+        randomized: Draw ``U ~ Unif(0, 1)``, one per example, instead of ``U = 1``.
+        seed: Seed of :meth:`make_generator`; used only when ``randomized`` (default 0 then).
+
+    Raises:
+        UsageError: ``seed`` is not an integer.
+    """
+
+    name = "aps"
+
+    def __init__(self, *, randomized: bool = False, seed: int | None = None) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise UsageError(f"seed={seed!r} is not a non-negative integer; pass a seed such as 0")
+        self.randomized = bool(randomized)
+        self.seed = (0 if seed is None else seed) if self.randomized else None
+
+    def parameters(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"randomized": self.randomized}
+        if self.randomized:
+            params["seed"] = self.seed
+        return params
+
+    def _uniforms(
+        self, n: int, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor | float:
+        if not self.randomized:
+            return 1.0
+        if generator is None:
+            generator = self.make_generator(stream=0)
+        u = torch.rand(n, dtype=torch.float64, generator=generator, device=generator.device)
+        return u.to(device).unsqueeze(1)
+
+    def _penalty(self, ranks: torch.Tensor) -> torch.Tensor | float:
+        return 0.0
+
+    def all_scores(self, logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        probs = _probs(logits)
+        order = _sorted_order(probs)
+        sorted_probs = probs.gather(1, order)
+        # Exclusive cumulative sum by shifting the inclusive one: with U = 1 the score is exactly the
+        # inclusive cumsum, and scores stay non-decreasing along the ranking (nested sets) in floats.
+        before = torch.cumsum(sorted_probs, dim=1)
+        before = torch.cat([torch.zeros_like(before[:, :1]), before[:, :-1]], dim=1)
+        u = self._uniforms(probs.shape[0], probs.device, generator)
+        ranks = torch.arange(1, probs.shape[1] + 1, device=probs.device, dtype=torch.float64)
+        sorted_scores = before + u * sorted_probs + self._penalty(ranks)
+        return torch.empty_like(sorted_scores).scatter_(1, order, sorted_scores)
+
+
+class RAPS(APS):
+    """Regularised APS: the APS score plus ``lambda_reg * max(0, o(x, y) - k_reg)``.
+
+    Angelopoulos, Bates, Malik & Jordan, "Uncertainty Sets for Image Classifiers using Conformal
+    Prediction", ICLR 2021 (https://arxiv.org/abs/2009.14193). ``o(x, y)`` is the 1-based rank of
+    ``y``. Defaults: ``lambda_reg = 0.01`` and ``k_reg = 1`` unless the caller sets them; the paper
+    picks ``k_reg`` on held-out data, which :func:`choose_k_reg` does. No temperature scaling is
+    applied here.
+
+    Args:
+        lambda_reg: Penalty per rank beyond ``k_reg``; finite and >= 0.
+        k_reg: Number of top ranks left unpenalised; integer >= 0.
+        randomized: Draw ``U ~ Unif(0, 1)`` per example instead of ``U = 1``.
+        seed: Seed of :meth:`make_generator`; used only when ``randomized``.
+
+    Raises:
+        UsageError: A parameter is out of range.
+    """
+
+    name = "raps"
+
+    def __init__(
+        self, *, lambda_reg: float = 0.01, k_reg: int = 1, randomized: bool = False, seed: int | None = None
+    ) -> None:
+        super().__init__(randomized=randomized, seed=seed)
+        if isinstance(lambda_reg, bool) or not isinstance(lambda_reg, (int, float)):
+            raise UsageError(f"lambda_reg={lambda_reg!r} is not a number; pass a value such as 0.01")
+        if not (math.isfinite(lambda_reg) and lambda_reg >= 0):
+            raise UsageError(
+                f"lambda_reg={lambda_reg} must be finite and >= 0; typical values are 0.001 to 0.5"
+            )
+        if isinstance(k_reg, bool) or not isinstance(k_reg, int) or k_reg < 0:
+            raise UsageError(f"k_reg={k_reg!r} must be an integer >= 0; use choose_k_reg or the default 1")
+        self.lambda_reg = float(lambda_reg)
+        self.k_reg = int(k_reg)
+
+    def parameters(self) -> dict[str, Any]:
+        return {**super().parameters(), "lambda_reg": self.lambda_reg, "k_reg": self.k_reg}
+
+    def _penalty(self, ranks: torch.Tensor) -> torch.Tensor:
+        return self.lambda_reg * torch.clamp(ranks - self.k_reg, min=0.0)
+
+
+NONCONFORMITY: dict[str, type[Nonconformity]] = {"lac": LAC, "aps": APS, "raps": RAPS}
+
+
+def from_parameters(name: str, params: dict[str, Any]) -> Nonconformity:
+    """Rebuild a nonconformity function from its ``name`` and ``parameters()`` (e.g. a certificate).
+
+    Args:
+        name: A key of :data:`NONCONFORMITY`.
+        params: The dictionary returned by ``parameters()``.
+
+    Returns:
+        The nonconformity object.
+
+    Raises:
+        CertificateError: The name is unknown or the parameters do not fit it.
+    """
+    if name not in NONCONFORMITY:
+        raise CertificateError(
+            f"unknown nonconformity {name!r}; this prunecp knows {', '.join(sorted(NONCONFORMITY))}, "
+            "so the certificate was written by another version or edited"
+        )
+    try:
+        return NONCONFORMITY[name](**dict(params))
+    except (TypeError, UsageError) as exc:
+        raise CertificateError(
+            f"nonconformity {name!r} parameters {params!r} are invalid ({exc}); "
+            "recalibrate to write a fresh certificate"
+        ) from exc
+
+
+def prediction_sets(all_scores: torch.Tensor, qhat: float | torch.Tensor) -> torch.Tensor:
+    """Prediction sets ``C(x) = {y : s(x, y) <= qhat}``.
+
+    Args:
+        all_scores: Tensor [N, K] from :meth:`Nonconformity.all_scores`.
+        qhat: A scalar threshold, or a tensor [K] of per-class thresholds (class-conditional
+            calibration: label ``y`` is compared with ``qhat[y]``).
+
+    Returns:
+        Bool tensor [N, K] on the scores' device.
+    """
+    q = torch.as_tensor(qhat, dtype=all_scores.dtype, device=all_scores.device)
+    if q.dim() not in (0, 1) or (q.dim() == 1 and q.shape[0] != all_scores.shape[1]):
+        raise ValueError(f"qhat must be a scalar or a tensor [{all_scores.shape[1]}], got {tuple(q.shape)}")
+    return all_scores <= q
+
+
+def choose_k_reg(logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> int:
+    """RAPS ``k_reg``: the (1 - alpha)-quantile of the true label's 1-based rank.
+
+    Follows ``aangelopoulos/conformal_classification`` (``np.quantile(..., interpolation="higher")``)
+    and algorithms.md §0.1. Run it on a held-out part of the data, not on the calibration points.
+
+    Args:
+        logits: Float tensor [N, K] of held-out examples.
+        labels: Integer tensor [N] of their labels.
+        alpha: Target miscoverage in (0, 1).
+
+    Returns:
+        ``k_reg`` >= 1.
+
+    Raises:
+        UsageError: ``alpha`` is outside (0, 1).
+        DataError: No examples, or a label lies outside ``0..K-1``.
+    """
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise UsageError(f"alpha={alpha!r} is outside (0, 1); pass the target miscoverage such as 0.1")
+    ranks = label_ranks(logits)
+    if ranks.shape[0] == 0:
+        raise DataError("choose_k_reg got no examples; give it a non-empty held-out split")
+    labels = _check_labels(labels, ranks.shape[0], ranks.shape[1]).to(ranks.device)
+    true_ranks = ranks.gather(1, labels.unsqueeze(1)).squeeze(1).cpu().numpy()
+    return int(np.quantile(true_ranks, 1.0 - float(alpha), method="higher"))
