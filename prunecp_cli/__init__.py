@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "prunecp_cli.io.checkpoint",
-    "save_pruned": "prunecp_cli.io.checkpoint",
+    "save_model": "prunecp_cli.io.checkpoint",
     "load_certificate": "prunecp_cli.conformal.certificate",
     "ConformalClassifier": "prunecp_cli.conformal.predictor",
     "score": "prunecp_cli.api",

@@ -1,0 +1,148 @@
+"""Options shared by every command, and the wrapper that turns errors into exit codes.
+
+Nothing here imports torch: ``prunecp --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Annotated
+
+import typer
+
+from prunecp_cli.errors import PrunecpError
+
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Architecture of a dense checkpoint: torchvision:NAME (e.g. torchvision:resnet18) or "
+        "package.module:factory importable from the current folder or PYTHONPATH. "
+        "Not needed for prunecp .safetensors files, which carry their architecture.",
+        rich_help_panel="Model",
+    ),
+]
+ArchKwargs = Annotated[
+    str | None,
+    typer.Option("--arch-kwargs", help='JSON keyword arguments of the architecture, e.g. \'{"num_classes": 10}\'.',
+                 rich_help_panel="Model"),
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option("--input-shape", help="C,H,W of one input when no --data is given (e.g. 3,32,32).",
+                 rich_help_panel="Model"),
+]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.", rich_help_panel="Run")
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.", rich_help_panel="Run")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice (reproducible runs).",
+                                   rich_help_panel="Run")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.", rich_help_panel="Run")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel="Run")]
+ImageSize = Annotated[
+    int | None,
+    typer.Option("--image-size", min=1, help="Image folders: resize and centre-crop to this size.", rich_help_panel="Data"),
+]
+Mean = Annotated[
+    str | None,
+    typer.Option("--mean", help="Per-channel mean to subtract after scaling to [0,1], e.g. 0.485,0.456,0.406.",
+                 rich_help_panel="Data"),
+]
+Std = Annotated[
+    str | None,
+    typer.Option("--std", help="Per-channel standard deviation to divide by, e.g. 0.229,0.224,0.225.",
+                 rich_help_panel="Data"),
+]
+Ignore = Annotated[
+    list[str] | None,
+    typer.Option("--ignore", help="Layer to keep whole (repeatable). The final classifier is always kept.",
+                 rich_help_panel="Pruning"),
+]
+MaxSamples = Annotated[
+    int | None,
+    typer.Option("--max-samples", min=1, help="Use at most this many examples of --data (a seeded random subset).",
+                 rich_help_panel="Data"),
+]
+Opt = Annotated[
+    list[str] | None,
+    typer.Option("--opt", help="Method option KEY=VALUE (repeatable); see the method list above.",
+                 rich_help_panel="Importance"),
+]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print a one-line error to stderr and return the Exit to raise."""
+    print(f"prunecp: error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def cli_command(func):
+    """Run a command body, mapping errors to exit codes (design.md §2).
+
+    :class:`PrunecpError` subclasses give their own exit code and a one-line message; anything
+    else is a bug (exit 1) with a hint to rerun with ``--debug``. With ``--debug`` tracebacks
+    are printed too.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = bool(kwargs.get("debug", False))
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except PrunecpError as exc:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as exc:  # a bug: say so, briefly
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise fail(
+                f"internal error ({type(exc).__name__}: {first}); this is a bug in prunecp, "
+                "please report it with the output of --debug",
+                1,
+            ) from None
+
+    return wrapper
+
+
+def preprocess(image_size: int | None, mean: str | None, std: str | None):
+    """Build the data preprocessing from the Data options (imports the data module lazily)."""
+    from prunecp_cli.io.data import Preprocess, parse_floats
+
+    return Preprocess(image_size=image_size, mean=parse_floats(mean, option="--mean"),
+                      std=parse_floats(std, option="--std"))
+
+
+def reporter(quiet: bool):
+    """The progress reporter for a CLI run."""
+    from prunecp_cli.runtime import Reporter
+
+    return Reporter.for_cli(quiet)
+
+
+def arch_kwargs(text: str | None):
+    """Parse --arch-kwargs."""
+    from prunecp_cli.io.arch import parse_arch_kwargs
+
+    return parse_arch_kwargs(text)
+
+
+def console():
+    """A rich console on stdout (rank 0 prints; other ranks get a silent one)."""
+    import os
+
+    from rich.console import Console
+
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    return Console(quiet=quiet, highlight=False)

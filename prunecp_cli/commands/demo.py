@@ -1,0 +1,25 @@
+"""``prunecp demo``: the pipeline end to end on real data shipped with scikit-learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunecp_cli.commands import _common as c
+
+
+@c.cli_command
+def demo(
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Folder for the demo's files "
+                                                    "(default: a new temporary folder).")] = None,
+    target_flops: Annotated[float, typer.Option("--target-flops", help="Fraction of dense FLOPs to keep.")] = 0.5,
+    seed: c.Seed = 0,
+    quiet: c.Quiet = False,
+    debug: c.Debug = False,
+) -> None:
+    """Train a small CNN on scikit-learn's digits, then score, prune and report it (under a minute on CPU)."""
+    from prunecp_cli.demo import run_demo
+
+    run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=c.console())

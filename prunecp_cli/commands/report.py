@@ -1,0 +1,72 @@
+"""``prunecp report``: parameters, FLOPs and latency of a pruned model against its baseline."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunecp_cli.commands import _common as c
+
+
+class Format(str, Enum):
+    """Output formats."""
+
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
+@c.cli_command
+def report(
+    model: Annotated[Path, typer.Argument(help="prunecp model file (or a dense checkpoint with --arch).")],
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Dense checkpoint to compare with "
+                                                     "(default: the unpruned architecture, for cost only).")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table (rich), json or markdown.")] = Format.table,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to this file "
+                                                "instead of stdout.")] = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
+    repeats: Annotated[int, typer.Option("--repeats", min=3, help="Timed forward passes per model.")] = 30,
+    arch: c.Arch = None,
+    arch_kwargs: c.ArchKwargs = None,
+    input_shape: c.InputShape = None,
+    device: c.Device = "auto",
+    batch_size: c.BatchSize = 32,
+    quiet: c.Quiet = False,
+    debug: c.Debug = False,
+) -> None:
+    """Tables of channels, parameters, FLOPs (fvcore, 1 multiply-add = 1 FLOP) and measured latency."""
+    import json
+
+    from prunecp_cli import api
+    from prunecp_cli.io.files import write_text
+    from prunecp_cli.pipeline.session import parse_shape
+
+    data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
+                      input_shape=parse_shape(input_shape), device=device, batch_size=batch_size, repeats=repeats,
+                      latency=latency, reporter=c.reporter(quiet))
+    if fmt is Format.json:
+        text = json.dumps(data.to_json(), indent=2) + "\n"
+    elif fmt is Format.markdown:
+        from prunecp_cli.report import render_markdown
+
+        text = render_markdown(data)
+    else:
+        from prunecp_cli.report import render_table
+
+        if out is None:
+            render_table(data, c.console())
+            return
+        import io
+
+        from rich.console import Console
+
+        capture = Console(width=120, file=io.StringIO())
+        render_table(data, capture)
+        text = capture.file.getvalue()
+    if out is None:
+        print(text, end="")
+    else:
+        write_text(out, text)

@@ -1,0 +1,63 @@
+"""``prunecp score``: rank every conv filter and write importance.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunecp_cli import importance as registry
+from prunecp_cli.commands import _common as c
+
+
+def _methods_help() -> str:
+    lines = []
+    for name in registry.METHODS:
+        info = registry.METHODS[name]
+        opts = "; ".join(f"{k}={d!r}: {h}" for k, (d, h) in info.options.items())
+        lines.append(f"{name}: {info.description}" + (f" [options: {opts}]" if opts else ""))
+    return "Importance method. " + " | ".join(lines)
+
+
+@c.cli_command
+def score(
+    checkpoint: Annotated[Path, typer.Argument(help="Dense checkpoint (.safetensors/.pt/.pth/.bin) or prunecp model.")],
+    method: Annotated[str, typer.Option("--method", "-m", help=_methods_help(), rich_help_panel="Importance")] = "l1",
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Score split: .npz, tensor file or image folder.",
+                                                 rich_help_panel="Data")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the scores.")] = Path("importance.json"),
+    opt: c.Opt = None,
+    max_samples: c.MaxSamples = None,
+    ignore: c.Ignore = None,
+    arch: c.Arch = None,
+    arch_kwargs: c.ArchKwargs = None,
+    input_shape: c.InputShape = None,
+    image_size: c.ImageSize = None,
+    mean: c.Mean = None,
+    std: c.Std = None,
+    device: c.Device = "auto",
+    batch_size: c.BatchSize = 128,
+    seed: c.Seed = 0,
+    quiet: c.Quiet = False,
+    debug: c.Debug = False,
+) -> None:
+    """Score every channel of every prunable conv group (higher = more important) into importance.json."""
+    options = registry.parse_options(method, opt)
+    from prunecp_cli import api
+    from prunecp_cli.io.files import write_json
+    from prunecp_cli.pipeline.session import parse_shape
+
+    rep = c.reporter(quiet)
+    table = api.score(
+        checkpoint, method=method, data=data, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
+        input_shape=parse_shape(input_shape), options=options, ignore=tuple(ignore or ()), device=device,
+        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=c.preprocess(image_size, mean, std),
+        reporter=rep,
+    )
+    from prunecp_cli.dist import rank
+
+    if rank() == 0:
+        write_json(out, table.to_json())
+        channels = sum(g.channels for g in table.groups)
+        rep.info(f"wrote {out}: {len(table.groups)} groups, {channels} channels, method {method}")

@@ -1,0 +1,1 @@
+"""The pipeline steps behind the API: open, score, prune."""

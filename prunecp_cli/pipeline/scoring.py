@@ -1,0 +1,191 @@
+"""``score``: rank every channel of every prunable group with a registered importance method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunecp_cli import dist
+from prunecp_cli import importance as registry
+from prunecp_cli.errors import ScoresError
+from prunecp_cli.importance.base import ImportanceContext, Needs
+from prunecp_cli.io.data import Preprocess
+from prunecp_cli.pipeline.session import Session, open_session
+from prunecp_cli.runtime import SILENT, Reporter, seed_everything
+from prunecp_cli.surgery.groups import ModelGraph
+from prunecp_cli.types import GroupImportance, ImportanceTable
+
+
+def compute_importance(
+    session: Session,
+    graph: ModelGraph,
+    *,
+    method: str,
+    options: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    max_samples: int | None,
+    reporter: Reporter,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[float]]]]:
+    """Run ``method`` on ``graph``'s groups; return scores and per-group extras.
+
+    Raises:
+        UsageError: the method needs data or labels that were not given.
+        ScoresError: the method produced scores of the wrong shape or non-finite values.
+    """
+    implementation = registry.create(method)
+    needs = getattr(implementation, "needs", Needs.DATA)
+    if needs & Needs.DATA or needs & Needs.LABELS:
+        data = session.data
+        if data is None:
+            from prunecp_cli.errors import UsageError
+
+            raise UsageError(f"--method {method} needs data: pass --data with the score split")
+        if needs & Needs.LABELS:
+            data.require_labels(session.num_classes)
+    seed_everything(seed)
+    model = session.model.to(session.device)
+    ctx = ImportanceContext(
+        model=model,
+        graph=graph,
+        data=session.data,
+        device=session.device,
+        batch_size=batch_size,
+        seed=seed,
+        max_samples=max_samples,
+        options=options,
+        reporter=reporter,
+        reduce=dist.all_reduce_sum,
+        shard=dist.shard_dataset,
+    )
+    scores = implementation(ctx)
+    model.cpu()
+    for group in graph.groups:
+        value = scores.get(group.name)
+        if value is None or value.numel() != group.channels:
+            raise ScoresError(f"method {method} returned no or mis-sized scores for group {group.name} (a bug)")
+        if not torch.isfinite(value).all():
+            raise ScoresError(
+                f"method {method} produced non-finite scores for group {group.name}; "
+                "check the data for extreme values or pick another method"
+            )
+    return {g.name: scores[g.name].double().cpu() for g in graph.groups}, ctx.extras
+
+
+def degenerate_warnings(scores: dict[str, torch.Tensor]) -> list[str]:
+    """Warnings for groups whose scores carry no ranking information (all equal)."""
+    flat = [name for name, value in scores.items() if value.numel() > 1 and bool((value == value[0]).all())]
+    if not flat:
+        return []
+    shown = ", ".join(flat[:5]) + (f" and {len(flat) - 5} more" if len(flat) > 5 else "")
+    return [
+        f"importance is constant in {len(flat)} group(s) ({shown}): they carry no ranking and channels "
+        "are removed by index; check the method (e.g. untrained BatchNorm scales) or use another"
+    ]
+
+
+def score(
+    checkpoint: str | Path,
+    *,
+    method: str,
+    data: str | Path | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
+    options: dict[str, Any] | None = None,
+    ignore: tuple[str, ...] = (),
+    device: str = "auto",
+    batch_size: int = 128,
+    seed: int = 0,
+    max_samples: int | None = None,
+    preprocess: Preprocess | None = None,
+    reporter: Reporter = SILENT,
+) -> ImportanceTable:
+    """Score every channel of every prunable group of a model.
+
+    Args:
+        checkpoint: dense checkpoint or prunecp model file.
+        method: registry name (see ``prunecp score --help``).
+        data: the score split (needed by data-driven methods).
+        arch: architecture spec for dense checkpoints.
+        arch_kwargs: its keyword arguments.
+        input_shape: example shape when no data are given.
+        options: method options (``{name: value}``), defaults from the registry.
+        ignore: layers whose groups are not scored (the classifier is always kept).
+        device: ``auto``, ``cpu``, ``cuda[:N]``.
+        batch_size: examples per forward pass.
+        seed: seed for randomness (sampling, random method).
+        max_samples: use at most this many examples of the data.
+        preprocess: image preprocessing for folder data.
+        reporter: progress and messages.
+
+    Returns:
+        The importance table (what ``importance.json`` holds).
+    """
+    info = registry.info(method)
+    options = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
+    session = open_session(checkpoint, data=data if info.needs_data or data else None, arch=arch,
+                           arch_kwargs=arch_kwargs, input_shape=input_shape, preprocess=preprocess, device=device)
+    graph = ModelGraph(session.model, session.example, ignore=ignore)
+    scores, extras = compute_importance(session, graph, method=method, options=options, batch_size=batch_size,
+                                        seed=seed, max_samples=max_samples, reporter=reporter)
+    warnings = degenerate_warnings(scores)
+    for message in warnings:
+        reporter.warn(message)
+    groups = [
+        GroupImportance(g.name, g.modules, g.channels, scores[g.name].tolist(), extras.get(g.name, {}))
+        for g in graph.groups
+    ]
+    return ImportanceTable(
+        method=method,
+        params={**options, "seed": seed, "max_samples": max_samples, "ignore": list(ignore),
+                "batch_size": batch_size},
+        model_sha256=session.loaded.sha256,
+        data_sha256=session.data.sha256 if session.data is not None and info.needs_data else None,
+        groups=groups,
+        input_shape=session.input_shape,
+        warnings=warnings,
+    )
+
+
+def read_importance(path: str | Path) -> ImportanceTable:
+    """Read and validate an ``importance.json`` file.
+
+    Raises:
+        ScoresError: missing, not JSON, or malformed.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScoresError(f"scores file {path} does not exist; run prunecp score first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ScoresError(f"{path} is not valid JSON ({exc}); pass a file written by prunecp score") from None
+    return ImportanceTable.from_json(obj, path=path)
+
+
+def scores_for_graph(table: ImportanceTable, graph: ModelGraph, *, model_sha256: str,
+                     path: str | Path) -> dict[str, torch.Tensor]:
+    """Match an importance table to a model's groups.
+
+    Raises:
+        ScoresError: the table belongs to another model, or misses or mis-sizes a group.
+    """
+    if table.model_sha256 != model_sha256:
+        raise ScoresError(
+            f"{path} scores another model (sha256 {table.model_sha256[:12]}…, this one is {model_sha256[:12]}…); "
+            "re-run prunecp score on this checkpoint"
+        )
+    by_name = {g.name: g for g in table.groups}
+    scores = {}
+    for group in graph.groups:
+        entry = by_name.get(group.name)
+        if entry is None:
+            raise ScoresError(f"{path} has no scores for group {group.name}; re-run score with the same --ignore")
+        if entry.channels != group.channels:
+            raise ScoresError(f"{path}: group {group.name} has {entry.channels} channels there, {group.channels} here")
+        scores[group.name] = torch.tensor(entry.importance, dtype=torch.float64)
+    return scores

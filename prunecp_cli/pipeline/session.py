@@ -1,0 +1,128 @@
+"""Open a model and its data together, and check that they fit each other.
+
+Every command starts here: the model is loaded (a prunecp file rebuilds itself; a dense checkpoint
+needs ``--arch``), the data are opened lazily, the example input for tracing is the first data
+example (or the recorded/declared input shape), and one forward pass checks that model and data fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunecp_cli import dist
+from prunecp_cli.errors import DataError, UsageError
+from prunecp_cli.io.checkpoint import LoadedModel, open_model
+from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
+from prunecp_cli.runtime import resolve_device
+from prunecp_cli.types import UsedData
+
+
+@dataclass
+class Session:
+    """A model, its data, and the facts derived from both.
+
+    Attributes:
+        loaded: the model and its metadata.
+        data: the data (None when not given).
+        example: one example input (batch of 1, CPU) for tracing and FLOP counting.
+        num_classes: size of the model's output.
+        device: where to compute.
+    """
+
+    loaded: LoadedModel
+    data: Dataset | None
+    example: torch.Tensor
+    num_classes: int
+    device: torch.device
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model (eval mode)."""
+        return self.loaded.model
+
+    @property
+    def input_shape(self) -> list[int]:
+        """Shape of one example."""
+        return list(self.example.shape[1:])
+
+    def used_data(self) -> list[UsedData]:
+        """Data the model has already seen, per its metadata."""
+        return [UsedData(**d) for d in self.loaded.meta.extra.get("data_sha256", [])]
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    """Parse ``--input-shape 3,32,32``."""
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: give C,H,W such as 3,32,32") from None
+    if not shape or any(v < 1 for v in shape):
+        raise UsageError(f"--input-shape {text!r}: give positive sizes such as 3,32,32")
+    return shape
+
+
+def open_session(
+    checkpoint: str | Path,
+    *,
+    data: str | Path | Dataset | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
+    preprocess: Preprocess | None = None,
+    device: str = "auto",
+    need_labels: bool = False,
+) -> Session:
+    """Load the model and data and check that they fit.
+
+    Raises:
+        UsageError: no way to know the input shape, or a bad device.
+        CheckpointError: the checkpoint is unreadable or does not fit the architecture.
+        DataError: the data are unreadable, do not fit the model, or lack labels when needed.
+    """
+    target = resolve_device(device)
+    dist.setup(target)
+    dataset = data if isinstance(data, Dataset) or data is None else open_dataset(data, preprocess=preprocess)
+    if dataset is not None and len(dataset) == 0:
+        raise DataError(f"{dataset.path} holds no examples")
+    if dataset is not None:
+        example = dataset.first_batch(1).x
+    loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
+                        input_shape=list(example.shape[1:]) if dataset is not None else input_shape)
+    recorded = loaded.meta.input_shape
+    if dataset is None:
+        shape = recorded or input_shape
+        if not shape:
+            raise UsageError("cannot tell the model's input shape: pass --data, or --input-shape C,H,W")
+        example = torch.zeros((1, *shape))
+    elif recorded and list(example.shape[1:]) != list(recorded):
+        raise DataError(
+            f"{dataset.path}: examples have shape {list(example.shape[1:])}, but the model was built for "
+            f"{recorded}; pass data of the model's input shape (channels, height, width)"
+        )
+    try:
+        with torch.no_grad():
+            out = loaded.model(example)
+    except RuntimeError as exc:
+        where = dataset.path if dataset is not None else "--input-shape"
+        raise DataError(
+            f"{where}: the model cannot run on inputs of shape {list(example.shape[1:])} "
+            f"({str(exc).splitlines()[0][:160]}); check the channel count and image size"
+        ) from None
+    if out.dim() != 2:
+        raise DataError(f"the model's output has shape {list(out.shape)}; prunecp needs classifier logits [N, K]")
+    num_classes = int(out.shape[1])
+    if need_labels:
+        if dataset is None:
+            raise UsageError("this command needs labelled data: pass --data")
+        dataset.require_labels(num_classes)
+    elif dataset is not None and dataset.has_labels:
+        dataset.require_labels(num_classes)
+    if not loaded.meta.input_shape:
+        loaded.meta.input_shape = list(example.shape[1:])
+    return Session(loaded, dataset, example, num_classes, target)

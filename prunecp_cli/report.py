@@ -1,0 +1,261 @@
+"""``report``: what pruning bought: channels, parameters, FLOPs and measured latency, per layer.
+
+The baseline is ``--baseline DENSE`` when given; for a prunecp file without it, the unpruned
+architecture is rebuilt from the file's metadata (its weights do not matter for cost). Latency is the
+median of repeated timed forward passes after warm-up, on the chosen device, for both models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunecp_cli.io.arch import build_model
+from prunecp_cli.io.checkpoint import open_model
+from prunecp_cli.measure import FLOPS_UNIT, Latency, count_params, flops_by_module, measure_latency
+from prunecp_cli.pipeline.session import open_session
+from prunecp_cli.runtime import SILENT, Reporter
+from prunecp_cli.surgery.groups import CONV_TYPES
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One convolution or linear layer, before and after pruning."""
+
+    name: str
+    kind: str
+    channels_before: int | None
+    channels_after: int
+    params_before: int | None
+    params_after: int
+    flops_before: int | None
+    flops_after: int
+
+
+@dataclass
+class ReportData:
+    """Everything ``report`` shows (JSON-serialisable through :meth:`to_json`)."""
+
+    model: str
+    baseline: str | None
+    input_shape: list[int]
+    rows: list[LayerRow]
+    params: dict[str, int | None]
+    flops: dict[str, int | None]
+    latency: dict[str, Latency | None]
+    flops_unit: str = FLOPS_UNIT
+    metadata: dict[str, Any] = field(default_factory=dict)
+    certificate: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        out = asdict(self)
+        out["reduction"] = {
+            "params": _reduction(self.params.get("before"), self.params["after"]),
+            "flops": _reduction(self.flops.get("before"), self.flops["after"]),
+            "latency": _reduction(
+                self.latency["before"].median_ms if self.latency.get("before") else None,
+                self.latency["after"].median_ms if self.latency.get("after") else None,
+            ),
+        }
+        return out
+
+
+def _reduction(before, after) -> float | None:
+    if before in (None, 0) or after is None:
+        return None
+    return 1.0 - after / before
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))}
+
+
+def _width(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def report(
+    model: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    repeats: int = 30,
+    latency: bool = True,
+    reporter: Reporter = SILENT,
+) -> ReportData:
+    """Compare a (pruned) model with its dense baseline.
+
+    Args:
+        model: a prunecp model file or a dense checkpoint (with ``arch``).
+        baseline: the dense checkpoint to compare with (default: the unpruned architecture).
+        arch: architecture spec for dense checkpoints.
+        arch_kwargs: its keyword arguments.
+        input_shape: example shape when the file does not record one.
+        device: where to time the models.
+        batch_size: examples per timed forward pass.
+        repeats: timed forward passes per model.
+        latency: measure latency (off to save time).
+        reporter: progress and messages.
+    """
+    session = open_session(model, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, device=device)
+    pruned, meta, example = session.model, session.loaded.meta, session.example
+    dense: nn.Module | None = None
+    if baseline is not None:
+        base_arch = arch or meta.arch
+        dense = open_model(baseline, arch=base_arch, arch_kwargs=arch_kwargs or meta.arch_kwargs).model
+    elif session.loaded.is_prunecp_file and meta.plan:
+        dense = build_model(meta.arch, meta.arch_kwargs)
+    after_flops = flops_by_module(pruned, example)
+    before_flops = flops_by_module(dense, example) if dense is not None else {}
+    dense_layers = _layers(dense) if dense is not None else {}
+    rows = []
+    for name, module in _layers(pruned).items():
+        base = dense_layers.get(name)
+        rows.append(LayerRow(
+            name=name,
+            kind=type(module).__name__,
+            channels_before=_width(base) if base is not None else None,
+            channels_after=_width(module),
+            params_before=sum(p.numel() for p in base.parameters(recurse=False)) if base is not None else None,
+            params_after=sum(p.numel() for p in module.parameters(recurse=False)),
+            flops_before=before_flops.get(name) if base is not None else None,
+            flops_after=after_flops.get(name, 0),
+        ))
+    timings: dict[str, Latency | None] = {"before": None, "after": None}
+    if latency:
+        with reporter.status("timing"):
+            shape = tuple(session.input_shape)
+            timings["after"] = measure_latency(pruned, shape, batch_size=batch_size, device=session.device,
+                                               repeats=repeats)
+            if dense is not None:
+                timings["before"] = measure_latency(dense, shape, batch_size=batch_size, device=session.device,
+                                                    repeats=repeats)
+        pruned.cpu()
+    return ReportData(
+        model=str(model),
+        baseline=str(baseline) if baseline is not None else ("unpruned architecture" if dense is not None else None),
+        input_shape=session.input_shape,
+        rows=rows,
+        params={"before": count_params(dense) if dense is not None else None, "after": count_params(pruned)},
+        flops={"before": before_flops.get("") if dense is not None else None, "after": after_flops[""]},
+        latency=timings,
+        metadata={k: v for k, v in meta.extra.items() if k in ("method", "target", "source_sha256", "data_sha256")},
+    )
+
+
+def _fmt_count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _pair(before, after, fmt=_fmt_count) -> str:
+    return fmt(after) if before is None else f"{fmt(before)} → {fmt(after)}"
+
+
+def _pct(before, after) -> str:
+    red = _reduction(before, after)
+    return "-" if red is None else f"{-red:+.1%}"
+
+
+def summary_rows(data: ReportData) -> list[tuple[str, str, str]]:
+    """(quantity, before → after, change) rows of the totals table."""
+    lat_b, lat_a = data.latency.get("before"), data.latency.get("after")
+    rows = [
+        ("parameters", _pair(data.params["before"], data.params["after"]), _pct(data.params["before"], data.params["after"])),
+        ("FLOPs", _pair(data.flops["before"], data.flops["after"]), _pct(data.flops["before"], data.flops["after"])),
+    ]
+    if lat_a is not None:
+        ms = lambda v: f"{v:.2f} ms"  # noqa: E731
+        rows.append((
+            f"latency (batch {lat_a.batch_size}, {lat_a.device}, median of {lat_a.repeats})",
+            _pair(lat_b.median_ms if lat_b else None, lat_a.median_ms, ms),
+            _pct(lat_b.median_ms if lat_b else None, lat_a.median_ms),
+        ))
+    return rows
+
+
+def render_table(data: ReportData, console) -> None:
+    """Print the report as rich tables."""
+    from rich.table import Table
+
+    layers = Table(title=f"Layers of {data.model}", caption=data.flops_unit)
+    for column in ("layer", "type", "channels", "params", "FLOPs", "FLOPs change"):
+        layers.add_column(column, justify="left" if column in ("layer", "type") else "right")
+    for row in data.rows:
+        layers.add_row(row.name, row.kind, _pair(row.channels_before, row.channels_after, str),
+                       _pair(row.params_before, row.params_after), _pair(row.flops_before, row.flops_after),
+                       _pct(row.flops_before, row.flops_after))
+    console.print(layers)
+    totals = Table(title="Totals" + (f" (baseline: {data.baseline})" if data.baseline else ""))
+    for column in ("quantity", "value", "change"):
+        totals.add_column(column, justify="left" if column == "quantity" else "right")
+    for row in summary_rows(data):
+        totals.add_row(*row)
+    console.print(totals)
+    if data.certificate:
+        render_certificate(data.certificate, console)
+
+
+def render_certificate(cert: dict[str, Any], console) -> None:
+    """Print a certificate's key figures."""
+    from rich.table import Table
+
+    table = Table(title="Conformal certificate")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in certificate_rows(cert):
+        table.add_row(key, value)
+    console.print(table)
+
+
+def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, value) rows summarising a certificate."""
+    guarantee = cert.get("guarantee", {})
+    calib = cert.get("calibration", {})
+    rows = [
+        ("alpha", f"{cert.get('alpha')}"),
+        ("nonconformity", f"{cert.get('nonconformity', {}).get('name')}"),
+        ("quantile q̂", _fmt_quantile(cert.get("quantile"))),
+        ("guarantee", f"{guarantee.get('type')}"),
+        ("coverage at least", f"{guarantee.get('coverage_at_least')}"),
+        ("calibration n", f"{cert.get('data', {}).get('n')}"),
+        ("calibration coverage", f"{calib.get('coverage', float('nan')):.4f}"),
+        ("calibration mean set size", f"{calib.get('mean_set_size', float('nan')):.3f}"),
+    ]
+    if guarantee.get("confidence") is not None:
+        rows.insert(5, ("confidence (1-delta)", f"{guarantee['confidence']}"))
+    return rows
+
+
+def _fmt_quantile(value) -> str:
+    if isinstance(value, list):
+        return f"per class ({len(value)})"
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(data: ReportData) -> str:
+    """The report as GitHub Markdown tables."""
+    lines = [f"### Layers of `{data.model}`", "", "| layer | type | channels | params | FLOPs | FLOPs change |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in data.rows:
+        lines.append(f"| `{r.name}` | {r.kind} | {_pair(r.channels_before, r.channels_after, str)} | "
+                     f"{_pair(r.params_before, r.params_after)} | {_pair(r.flops_before, r.flops_after)} | "
+                     f"{_pct(r.flops_before, r.flops_after)} |")
+    lines += ["", f"_{data.flops_unit}_", "", "| quantity | value | change |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(data)]
+    if data.certificate:
+        lines += ["", "| certificate | value |", "|---|---:|"]
+        lines += [f"| {a} | {b} |" for a, b in certificate_rows(data.certificate)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,262 @@
+"""Choose which channels to remove from importance scores.
+
+Two targets and two scopes:
+
+* ``ratio``: remove a fraction of channels. With ``scope="local"`` each group loses that fraction of
+  its own channels; with ``scope="global"`` the channels of all groups are ranked together (after
+  dividing each group's importances by the group mean, so layers of different scale compare) and
+  the fraction applies to the total.
+* ``target_flops``: keep that fraction of the dense FLOPs. Local scope searches (by bisection) one
+  ratio shared by all groups; global scope searches the number of globally lowest channels to drop.
+  During the search FLOPs come from :class:`FlopsModel`, exact for convolutions, linear layers and
+  normalisations (their FLOPs are bilinear in input and output channels); the final model is then
+  counted with fvcore.
+
+Every group keeps at least one channel and loses at most ``max_layer_ratio`` of its channels;
+``protect`` keeps each group's top ⌈protect·C⌉ channels out of the ranking; ``round_to`` keeps
+channel counts multiples of N (for hardware-friendly widths). Ties are broken by channel index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunecp_cli.errors import PlanError, UsageError
+from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ChannelGroup
+
+Removal = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Constraints on every group.
+
+    Attributes:
+        scope: ``"local"`` or ``"global"``.
+        max_layer_ratio: the largest fraction of a group's channels that may be removed.
+        round_to: remaining channel counts are multiples of this.
+        protect: fraction of each group's most important channels never removed.
+    """
+
+    scope: str = "local"
+    max_layer_ratio: float = 0.9
+    round_to: int = 1
+    protect: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("local", "global"):
+            raise UsageError(f"--scope {self.scope!r}: use local or global")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise UsageError(f"--max-layer-ratio {self.max_layer_ratio} must lie in (0, 1)")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to} must be at least 1")
+        if not 0.0 <= self.protect < 1.0:
+            raise UsageError(f"--protect {self.protect} must lie in [0, 1)")
+
+    def max_removable(self, channels: int) -> int:
+        """Most channels a group of ``channels`` may lose under the caps and protection."""
+        cap = min(math.floor(self.max_layer_ratio * channels + 1e-9), channels - 1)
+        if self.protect > 0:
+            cap = min(cap, channels - max(1, math.ceil(self.protect * channels - 1e-9)))
+        return self.rounded(channels, max(cap, 0))
+
+    def rounded(self, channels: int, remove: int) -> int:
+        """Largest removal ≤ ``remove`` that leaves a multiple of ``round_to`` channels."""
+        if self.round_to == 1:
+            return remove
+        keep = math.ceil((channels - remove) / self.round_to) * self.round_to
+        return max(channels - min(keep, channels), 0)
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Channel indices from least to most important (stable: ties by index)."""
+    return torch.sort(scores.double(), stable=True).indices
+
+
+def select_local_ratio(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], ratio: float,
+                       policy: Policy) -> Removal:
+    """Remove ⌊ratio·C⌋ lowest channels of each group (within the caps)."""
+    removal = {}
+    for group in groups:
+        count = min(math.floor(ratio * group.channels + 1e-9), policy.max_removable(group.channels))
+        count = policy.rounded(group.channels, count)
+        removal[group.name] = sorted(_order(scores[group.name])[:count].tolist())
+    return removal
+
+
+def normalised(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each group's importances divided by the group mean (all-zero groups stay zero)."""
+    out = {}
+    for name, value in scores.items():
+        value = value.double()
+        mean = value.abs().mean()
+        out[name] = value / mean if mean > 0 else torch.zeros_like(value)
+    return out
+
+
+def global_order(groups: list[ChannelGroup], scores: dict[str, torch.Tensor],
+                 policy: Policy) -> list[tuple[str, int]]:
+    """All removable (group, channel) pairs, least important first, respecting the per-group caps."""
+    norm = normalised({g.name: scores[g.name] for g in groups})
+    candidates = []
+    for position, group in enumerate(groups):
+        order = _order(norm[group.name])[: policy.max_removable(group.channels)]
+        for rank, channel in enumerate(order.tolist()):
+            candidates.append((float(norm[group.name][channel]), position, rank, group.name, channel))
+    candidates.sort()
+    return [(name, channel) for *_, name, channel in candidates]
+
+
+def select_global_count(groups: list[ChannelGroup], order: list[tuple[str, int]], count: int,
+                        policy: Policy) -> Removal:
+    """Remove the first ``count`` channels of the global order, then round each group."""
+    removal: Removal = {g.name: [] for g in groups}
+    for name, channel in order[:count]:
+        removal[name].append(channel)
+    channels = {g.name: g.channels for g in groups}
+    for name, chosen in removal.items():
+        keep = policy.rounded(channels[name], len(chosen))
+        removal[name] = sorted(chosen[:keep])
+    return removal
+
+
+class FlopsModel:
+    """Predict a pruned model's FLOPs from the dense per-layer counts, without pruning it.
+
+    For a convolution or linear layer the count scales with (kept inputs / inputs) × (kept outputs /
+    outputs); a depthwise convolution and a normalisation scale with kept channels; FLOPs outside
+    these layers (pooling, functional ops) are held constant.
+
+    Args:
+        model: the dense model.
+        groups: its prunable groups.
+        per_module: fvcore FLOPs per module name (``''`` for the total).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], per_module: dict[str, int]) -> None:
+        self.total = per_module[""]
+        self.groups = groups
+        self._layers: dict[str, tuple[int, int, int, bool]] = {}
+        layer_flops = 0
+        for name, module in model.named_modules():
+            flops = per_module.get(name, 0)
+            if flops == 0 or not isinstance(module, (nn.Linear, *CONV_TYPES, *NORM_TYPES)):
+                continue
+            if isinstance(module, CONV_TYPES):
+                c_in, c_out = module.in_channels, module.out_channels
+                depthwise = module.groups > 1 and module.groups == c_in
+            elif isinstance(module, nn.Linear):
+                c_in, c_out, depthwise = module.in_features, module.out_features, False
+            else:
+                c_in = c_out = _norm_channels(module)
+                depthwise = True
+            self._layers[name] = (flops, c_in, c_out, depthwise)
+            layer_flops += flops
+        self.fixed = self.total - layer_flops
+
+    def __call__(self, removal: Removal) -> float:
+        """Predicted FLOPs after removing ``removal``."""
+        removed_in: dict[str, int] = {}
+        removed_out: dict[str, int] = {}
+        for group in self.groups:
+            chosen = set(removal.get(group.name, ()))
+            if not chosen:
+                continue
+            for member in group.members:
+                count = sum(1 for r in member.root_idxs if r in chosen)
+                target = removed_out if member.direction == "out" else removed_in
+                target[member.module] = target.get(member.module, 0) + count
+        total = float(self.fixed)
+        for name, (flops, c_in, c_out, depthwise) in self._layers.items():
+            keep_out = (c_out - removed_out.get(name, 0)) / c_out
+            if depthwise:
+                total += flops * keep_out
+            else:
+                total += flops * keep_out * (c_in - removed_in.get(name, 0)) / c_in
+        return total
+
+
+def _norm_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[0])
+    return module.num_features
+
+
+def select(
+    groups: list[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    *,
+    policy: Policy,
+    ratio: float | None = None,
+    target_flops: float | None = None,
+    flops_model: FlopsModel | None = None,
+) -> Removal:
+    """Channels to remove per group, for a ratio or a FLOPs target (see module docstring).
+
+    Raises:
+        UsageError: neither or both targets, or a target outside (0, 1).
+        PlanError: the FLOPs target cannot be reached under the caps.
+    """
+    if (ratio is None) == (target_flops is None):
+        raise UsageError("give exactly one of --ratio and --target-flops")
+    if not groups:
+        raise PlanError("the model has no prunable convolution groups (all are ignored or protected)")
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise UsageError(f"--ratio {ratio} must lie in (0, 1): the fraction of channels to remove")
+        if policy.scope == "local":
+            return select_local_ratio(groups, scores, ratio, policy)
+        order = global_order(groups, scores, policy)
+        total = sum(g.channels for g in groups)
+        return select_global_count(groups, order, min(math.floor(ratio * total + 1e-9), len(order)), policy)
+    if not 0.0 < target_flops < 1.0:
+        raise UsageError(f"--target-flops {target_flops} must lie in (0, 1): the fraction of dense FLOPs to keep")
+    if flops_model is None:
+        raise ValueError("select(target_flops=...) needs a flops_model")
+    goal = target_flops * flops_model.total
+    if policy.scope == "local":
+        candidates = lambda r: select_local_ratio(groups, scores, r, policy)  # noqa: E731
+        lo, hi = 0.0, 1.0
+        search = _bisect_real
+    else:
+        order = global_order(groups, scores, policy)
+        candidates = lambda k: select_global_count(groups, order, int(k), policy)  # noqa: E731
+        lo, hi = 0, len(order)
+        search = _bisect_int
+    fewest = flops_model(candidates(hi))
+    if fewest > goal * 1.01:
+        reachable = fewest / flops_model.total
+        raise PlanError(
+            f"--target-flops {target_flops} is unreachable: at most {1 - reachable:.1%} of FLOPs can be removed "
+            f"under --max-layer-ratio {policy.max_layer_ratio} (lowest reachable: {reachable:.3f}); "
+            "ask for a larger fraction or raise --max-layer-ratio"
+        )
+    return candidates(search(lambda v: flops_model(candidates(v)), goal, lo, hi))
+
+
+def _bisect_real(flops: Callable[[float], float], goal: float, lo: float, hi: float) -> float:
+    """The ratio whose predicted FLOPs are closest to ``goal`` (FLOPs fall as the ratio grows)."""
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if flops(mid) > goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo if abs(flops(lo) - goal) < abs(flops(hi) - goal) else hi
+
+
+def _bisect_int(flops: Callable[[int], float], goal: float, lo: int, hi: int) -> int:
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if flops(mid) > goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo if abs(flops(lo) - goal) < abs(flops(hi) - goal) else hi
