@@ -76,13 +76,23 @@ class Reporter:
     """
 
     quiet: bool = False
+    verbose: bool = False
     warnings: list[str] = field(default_factory=list)
 
     @classmethod
-    def for_cli(cls, quiet: bool) -> Reporter:
-        """A reporter that is quiet when asked, when stdout or stderr is not a terminal, or off rank 0."""
+    def for_cli(cls, quiet: bool, *, verbose: bool = False) -> Reporter:
+        """A reporter that is quiet when asked, when stdout or stderr is not a terminal, or off rank 0.
+
+        ``verbose`` details (``--verbose``) are printed on rank 0 whenever asked, terminal or not.
+        """
         on_terminal = sys.stdout.isatty() and sys.stderr.isatty()
-        return cls(quiet=quiet or not on_terminal or not is_main_process())
+        return cls(quiet=quiet or not on_terminal or not is_main_process(),
+                   verbose=verbose and is_main_process())
+
+    def detail(self, message: str) -> None:
+        """Print a diagnostic line to stderr when ``--verbose`` was given."""
+        if self.verbose:
+            print(message, file=sys.stderr, flush=True)
 
     def info(self, message: str) -> None:
         """Print a status line (suppressed when quiet)."""

@@ -41,6 +41,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice 
                                    rich_help_panel="Run")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.", rich_help_panel="Run")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel="Run")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print method diagnostics (e.g. search progress) "
+                                       "to stderr.", rich_help_panel="Run")]
 ImageSize = Annotated[
     int | None,
     typer.Option("--image-size", min=1, help="Image folders: resize and centre-crop to this size.", rich_help_panel="Data"),
@@ -124,11 +126,11 @@ def preprocess(image_size: int | None, mean: str | None, std: str | None):
                       std=parse_floats(std, option="--std"))
 
 
-def reporter(quiet: bool):
+def reporter(quiet: bool, verbose: bool = False):
     """The progress reporter for a CLI run."""
     from prunecp_cli.runtime import Reporter
 
-    return Reporter.for_cli(quiet)
+    return Reporter.for_cli(quiet, verbose=verbose)
 
 
 def arch_kwargs(text: str | None):

@@ -40,6 +40,7 @@ def score(
     batch_size: c.BatchSize = 128,
     seed: c.Seed = 0,
     quiet: c.Quiet = False,
+    verbose: c.Verbose = False,
     debug: c.Debug = False,
 ) -> None:
     """Score every channel of every prunable conv group (higher = more important) into importance.json."""
@@ -48,7 +49,7 @@ def score(
     from prunecp_cli.io.files import write_json
     from prunecp_cli.pipeline.session import parse_shape
 
-    rep = c.reporter(quiet)
+    rep = c.reporter(quiet, verbose)
     table = api.score(
         checkpoint, method=method, data=data, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
         input_shape=parse_shape(input_shape), options=options, ignore=tuple(ignore or ()), device=device,
