@@ -12,7 +12,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no busy-wai
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +20,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 FIXTURES = Path(__file__).parent / "fixtures"
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
+
+from testsupport import CliResult, assert_one_line_error, load_npz  # noqa: E402,F401  (re-exported)
 
 DIGITS_ARCH = "prunecp_cli.models:digits_cnn"
 
@@ -41,12 +42,6 @@ def digits_files(tmp_path_factory, digits_arrays):
     x, y = digits_arrays
     folder = tmp_path_factory.mktemp("digits")
     return write_splits(x, y, folder, {"train": 0.5, "score": 0.2, "calib": 0.15, "test": 0.15}, seed=0)
-
-
-def load_npz(path):
-    """(x, y) tensors of an .npz file."""
-    with np.load(path) as f:
-        return torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
 
 
 @pytest.fixture(scope="session")
@@ -71,16 +66,6 @@ def trained_digits(tmp_path_factory, digits_files):
     return {"pt": pt, "safetensors": st, "model": model, "accuracy": accuracy(model, xt, yt)}
 
 
-class CliResult:
-    """Exit code, stdout and stderr of one CLI run."""
-
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-    def __repr__(self) -> str:
-        return f"CliResult(code={self.code}, stderr={self.stderr[-500:]!r})"
-
-
 @pytest.fixture
 def cli(monkeypatch):
     """Run ``prunecp ARGS`` in-process; returns a :class:`CliResult`."""
@@ -101,13 +86,3 @@ def cli(monkeypatch):
     return run
 
 
-def assert_one_line_error(result: CliResult, code: int | tuple[int, ...], *, contains: str = "") -> None:
-    """The run failed with ``code``, one stderr line starting 'prunecp: error:', no traceback."""
-    codes = (code,) if isinstance(code, int) else code
-    assert result.code in codes, result
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr
-    if result.code == 2 and not lines[-1].startswith("prunecp: error:"):
-        return  # a usage error reported by the argument parser itself (its own short box)
-    assert len(lines) == 1 and lines[0].startswith("prunecp: error:"), result.stderr
-    assert contains.lower() in lines[0].lower(), lines[0]

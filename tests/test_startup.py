@@ -23,7 +23,8 @@ sys.exit(code)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["score", "--help"], ["prune", "--help"], ["report", "--help"],
-                                  ["demo", "--help"], ["--version"]])
+                                  ["demo", "--help"], ["calibrate", "--help"], ["certify", "--help"],
+                                  ["predict", "--help"], ["--version"]])
 def test_help_imports_no_heavy_module(args):
     out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,
                          timeout=60)
@@ -35,5 +36,5 @@ def test_help_imports_no_heavy_module(args):
 def test_console_script_help_runs():
     out = subprocess.run(["prunecp", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for command in ("score", "prune", "report", "demo"):
+    for command in ("score", "prune", "calibrate", "certify", "predict", "report", "demo"):
         assert command in out.stdout
