@@ -18,6 +18,7 @@ _LAZY = {
     "calibrate": "prunecp_cli.api",
     "certify": "prunecp_cli.api",
     "report": "prunecp_cli.api",
+    "predict": "prunecp_cli.api",
 }
 
 __all__ = ["__version__", *_LAZY]

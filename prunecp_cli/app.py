@@ -11,7 +11,10 @@ from typing import Annotated
 import typer
 
 from prunecp_cli import __version__
+from prunecp_cli.commands.calibrate import calibrate
+from prunecp_cli.commands.certify import certify
 from prunecp_cli.commands.demo import demo
+from prunecp_cli.commands.predict import predict
 from prunecp_cli.commands.prune import prune
 from prunecp_cli.commands.report import report
 from prunecp_cli.commands.score import score
@@ -44,6 +47,9 @@ def _root(
 
 app.command("score")(score)
 app.command("prune")(prune)
+app.command("calibrate")(calibrate)
+app.command("certify")(certify)
+app.command("predict")(predict)
 app.command("report")(report)
 app.command("demo")(demo)
 

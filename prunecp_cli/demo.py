@@ -85,13 +85,31 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
     console.print(f"FLOPs kept {result.flops_ratio:.3f}, params kept {result.params_ratio:.3f}; "
                   f"test accuracy {dense_acc:.3f} → {pruned_acc:.3f}")
 
-    step(f"prunecp report {pruned.name}")
+    cert_path = folder / "certificate.json"
+    step(f"prunecp calibrate {pruned.name} --data calib.npz --alpha 0.1 -o {cert_path.name}")
+    cert = api.calibrate(pruned, data=paths["calib"], alpha=0.1, output=cert_path, device="cpu", seed=seed,
+                         reporter=reporter)
+    claim = cert["guarantee"]
+    upper = "" if claim["coverage_at_most"] is None else f" and at most {claim['coverage_at_most']:.4f}"
+    console.print(f"q̂ = {cert['quantile']:.4f} from n = {cert['data']['n']} calibration points: {claim['type']} "
+                  f"coverage at least {claim['coverage_at_least']:g}{upper}; calibration mean set size "
+                  f"{cert['calibration']['mean_set_size']:.2f}")
+
+    step(f"prunecp certify {pruned.name} --cert {cert_path.name} --data test.npz")
+    from prunecp_cli.commands.certify import render_verdict
+
+    verdict = api.certify(pruned, cert=cert_path, data=paths["test"], device="cpu", reporter=reporter)
+    render_verdict(verdict, console)
+
+    step(f"prunecp report {pruned.name} --cert {cert_path.name}")
     from prunecp_cli.report import render_table
 
-    report = api.report(pruned, device="cpu", repeats=10, reporter=reporter)
+    report = api.report(pruned, device="cpu", repeats=10, cert=cert_path, reporter=reporter)
     render_table(report, console)
 
     elapsed = time.perf_counter() - started
     console.print(f"\n[bold]done in {elapsed:.1f} s[/bold]; files are in {folder}")
     return {"folder": str(folder), "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
-            "flops_ratio": result.flops_ratio, "params_ratio": result.params_ratio, "seconds": elapsed}
+            "flops_ratio": result.flops_ratio, "params_ratio": result.params_ratio, "seconds": elapsed,
+            "test_coverage": verdict["coverage"], "mean_set_size": verdict["mean_set_size"],
+            "certified": verdict["passed"]}

@@ -89,6 +89,7 @@ def report(
     batch_size: int = 32,
     repeats: int = 30,
     latency: bool = True,
+    cert: str | Path | None = None,
     reporter: Reporter = SILENT,
 ) -> ReportData:
     """Compare a (pruned) model with its dense baseline.
@@ -103,9 +104,17 @@ def report(
         batch_size: examples per timed forward pass.
         repeats: timed forward passes per model.
         latency: measure latency (off to save time).
+        cert: a ``certificate.json`` to summarise (validated with ``load_certificate``).
         reporter: progress and messages.
     """
+    certificate = None
+    if cert is not None:
+        from prunecp_cli.conformal.certificate import load_certificate
+
+        certificate = load_certificate(cert)
     session = open_session(model, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, device=device)
+    if certificate is not None:
+        certificate = {**certificate, "binds_model": certificate["model"]["sha256"] == session.loaded.sha256}
     pruned, meta, example = session.model, session.loaded.meta, session.example
     dense: nn.Module | None = None
     if baseline is not None:
@@ -148,6 +157,7 @@ def report(
         flops={"before": before_flops.get("") if dense is not None else None, "after": after_flops[""]},
         latency=timings,
         metadata={k: v for k, v in meta.extra.items() if k in ("method", "target", "source_sha256", "data_sha256")},
+        certificate=certificate,
     )
 
 
@@ -221,21 +231,37 @@ def render_certificate(cert: dict[str, Any], console) -> None:
 
 
 def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
-    """(field, value) rows summarising a certificate."""
+    """(field, value) rows summarising a certificate (schema 1, see prunecp_cli.conformal.certificate)."""
     guarantee = cert.get("guarantee", {})
     calib = cert.get("calibration", {})
+    nc = cert.get("nonconformity", {})
+    params = ", ".join(f"{k}={v}" for k, v in nc.get("parameters", {}).items())
     rows = [
+        ("nonconformity", f"{nc.get('name')}" + (f" ({params})" if params else "")),
         ("alpha", f"{cert.get('alpha')}"),
-        ("nonconformity", f"{cert.get('nonconformity', {}).get('name')}"),
         ("quantile q̂", _fmt_quantile(cert.get("quantile"))),
-        ("guarantee", f"{guarantee.get('type')}"),
+        ("guarantee", f"{guarantee.get('type')}" + (" (per class)" if cert.get("class_conditional") else "")),
         ("coverage at least", f"{guarantee.get('coverage_at_least')}"),
-        ("calibration n", f"{cert.get('data', {}).get('n')}"),
+    ]
+    if guarantee.get("coverage_at_most") is not None:
+        rows.append(("coverage at most", f"{guarantee['coverage_at_most']:.6f}"))
+    if guarantee.get("confidence") is not None:
+        rows.append(("confidence (1-delta)", f"{guarantee['confidence']}"))
+    rows += [
+        ("calibration n", f"{cert.get('data', {}).get('n')} ({cert.get('data', {}).get('file')})"),
         ("calibration coverage", f"{calib.get('coverage', float('nan')):.4f}"),
         ("calibration mean set size", f"{calib.get('mean_set_size', float('nan')):.3f}"),
+        ("calibration top-1 accuracy", f"{calib.get('top1_accuracy', float('nan')):.4f}"),
     ]
-    if guarantee.get("confidence") is not None:
-        rows.insert(5, ("confidence (1-delta)", f"{guarantee['confidence']}"))
+    if "binds_model" in cert:
+        rows.append(("binds this model file", "yes" if cert["binds_model"] else "NO (recalibrate)"))
+    control = cert.get("risk_control")
+    if control:
+        bound = control.get("max_risk") if control.get("max_risk") is not None else control.get("max_set_size")
+        rows.append(("risk control", f"{control.get('risk')} <= {bound} with confidence "
+                     f"{control.get('confidence')} (Learn-then-Test, n={control.get('n')})"))
+        if control.get("level_text") is not None:
+            rows.append(("risk-certified level", f"{control['level_text']}"))
     return rows
 
 

@@ -29,6 +29,8 @@ def report(
                                                 "instead of stdout.")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Timed forward passes per model.")] = 30,
+    cert: Annotated[Path | None, typer.Option("--cert", help="certificate.json to summarise (alpha, quantile, "
+                                                 "guarantee, calibration coverage and set size).")] = None,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
     input_shape: c.InputShape = None,
@@ -46,7 +48,7 @@ def report(
 
     data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
                       input_shape=parse_shape(input_shape), device=device, batch_size=batch_size, repeats=repeats,
-                      latency=latency, reporter=c.reporter(quiet))
+                      latency=latency, cert=cert, reporter=c.reporter(quiet))
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:

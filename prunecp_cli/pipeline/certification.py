@@ -1,0 +1,231 @@
+"""``certify``: audit a certificate on held-out test data, for a CI gate (exit 0 passed, 4 failed).
+
+Checks, in order (each is an entry of the verdict's ``checks``):
+
+1. ``model-sha256``: the model file is the one the certificate binds (else the certificate says
+   nothing about it: failed, and the coverage test is skipped).
+2. ``test-data``: the test file is neither the calibration file nor data the model used (score,
+   BN recalibration, fine-tune, risk). This is bad input rather than a failed audit, so it raises
+   (exit 3) instead of failing the check.
+3. ``coverage``: is the observed coverage improbably low if the certificate holds? The test uses the
+   exact distribution of the number of covered test points ``X`` among ``m``:
+
+   * marginal: ``X ~ BetaBinomial(m, k, n+1-k)`` with the certificate's ``n`` and rank ``k``, exact for
+     exchangeable data and continuous scores (ties only raise coverage, so the p-value stays valid);
+   * training-conditional: ``X`` stochastically larger than ``Bin(m, 1-alpha)`` whenever the stated
+     bound holds (it does with probability ``>= 1-delta``);
+   * class-conditional: the same per class (with the class's ``n_c``, ``k_c`` and test points), and
+     a Bonferroni correction over the ``J`` classes with test points, ``p = min(1, J * min_c p_c)``, so
+     a valid certificate fails with probability at most the significance (plus ``J*delta`` for PAC).
+
+   It fails when ``p < significance``. A correct marginal certificate therefore fails at most a
+   ``significance`` share of honest audits; a PAC one at most ``delta + significance``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
+from prunecp_cli.conformal.nonconformity import from_parameters, prediction_sets
+from prunecp_cli.conformal.predictor import CERTIFY_STREAM, certificate_threshold
+from prunecp_cli.conformal.quantile import decimal_fraction
+from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value_pac
+from prunecp_cli.errors import CalibrationError, DataError
+from prunecp_cli.io.data import Preprocess
+from prunecp_cli.pipeline.calibration import check_labels, check_unused, collect_logits, set_metrics
+from prunecp_cli.pipeline.session import open_session
+from prunecp_cli.runtime import SILENT, Reporter
+
+__all__ = ["certify", "failure_message", "verdict_from_logits"]
+
+
+def _p_value(covered: int, m: int, *, certificate: dict[str, Any], cls: int | None = None) -> tuple[float, str]:
+    if certificate["delta"] is not None:
+        return p_value_pac(covered, m, alpha=certificate["alpha"]), f"Binomial({m}, {1 - certificate['alpha']:g})"
+    if cls is None:
+        n, k = certificate["data"]["n"], certificate["rank"]
+    else:
+        n, k = certificate["class_counts"][cls], certificate["rank"][cls]
+    return p_value_marginal(covered, m, n=n, k=k), f"Beta-Binomial({m}, {k}, {n + 1 - k})"
+
+
+def verdict_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    certificate: dict[str, Any],
+    significance: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """The coverage audit of a certificate on test logits (a pure function; see the module docstring).
+
+    Args:
+        logits: Test logits ``[m, K]``.
+        labels: Test labels ``[m]``.
+        certificate: A validated certificate.
+        significance: Fail when the p-value is below this.
+        generator: Source of ``U`` for randomised scores (default: the certificate seed's
+            :data:`CERTIFY_STREAM`, never the calibration stream).
+
+    Returns:
+        ``{passed, coverage, covered, n, mean_set_size, top1_accuracy, set_size_histogram,
+        per_class_coverage, per_class, p_value, test, significance, alpha, delta, guarantee,
+        class_conditional, checks}``; ``checks`` holds the one ``coverage`` check.
+
+    Raises:
+        DataError: Labels outside the model's classes, or the logits do not have the certificate's K.
+    """
+    decimal_fraction(significance, name="significance")
+    if logits.dim() != 2 or logits.shape[1] != certificate["model"]["num_classes"]:
+        raise DataError(f"logits of shape {list(logits.shape)} do not fit a certificate for "
+                        f"{certificate['model']['num_classes']} classes; use the certified model")
+    labels = check_labels(labels, logits)
+    score = from_parameters(certificate["nonconformity"]["name"], certificate["nonconformity"]["parameters"])
+    if generator is None and score.randomized:
+        generator = score.make_generator(stream=CERTIFY_STREAM)
+    sets = prediction_sets(score.all_scores(logits, generator=generator), certificate_threshold(certificate))
+    metrics = set_metrics(sets, labels, logits=logits)
+    m, covered = int(labels.shape[0]), covered_count(sets, labels.to(sets.device))
+    at_least = certificate["guarantee"]["coverage_at_least"]
+    per_class = None
+    if certificate["class_conditional"]:
+        per_class = []
+        for c in range(sets.shape[1]):
+            mask = labels.to(sets.device) == c
+            m_c = int(mask.sum())
+            if m_c == 0:
+                per_class.append({"class": c, "n": 0, "covered": 0, "coverage": None, "p_value": None})
+                continue
+            hits = covered_count(sets[mask], labels.to(sets.device)[mask])
+            p_c, _ = _p_value(hits, m_c, certificate=certificate, cls=c)
+            per_class.append({"class": c, "n": m_c, "covered": hits, "coverage": hits / m_c, "p_value": p_c})
+        tested = [r for r in per_class if r["p_value"] is not None]
+        worst = min(tested, key=lambda r: r["p_value"])
+        p_value = min(1.0, len(tested) * worst["p_value"])
+        family = "Binomial" if certificate["delta"] is not None else "Beta-Binomial"
+        test = f"{family} per class, Bonferroni over {len(tested)} classes"
+        where = (f"class {worst['class']} (smallest p-value) coverage {worst['coverage']:.4f} "
+                 f"({worst['covered']}/{worst['n']})")
+    else:
+        p_value, test = _p_value(covered, m, certificate=certificate)
+        where = f"coverage {covered / m:.4f} ({covered}/{m})"
+    passed = p_value >= significance
+    if passed:
+        detail = (f"{where} is consistent with coverage >= {at_least:g}: p = {p_value:.3g} >= significance "
+                  f"{significance:g} ({test})")
+    else:
+        detail = (f"{where} is improbably low for a certificate claiming coverage >= {at_least:g}: p = {p_value:.3g} "
+                  f"< significance {significance:g} ({test}); the test data are not exchangeable with the "
+                  "calibration data or the certificate is wrong: recalibrate on data like the deployment data")
+    return {
+        "passed": passed,
+        "coverage": covered / m,
+        "covered": covered,
+        "n": m,
+        "mean_set_size": metrics["mean_set_size"],
+        "top1_accuracy": metrics["top1_accuracy"],
+        "set_size_histogram": metrics["set_size_histogram"],
+        "per_class_coverage": metrics["per_class_coverage"],
+        "per_class": per_class,
+        "p_value": p_value,
+        "test": test,
+        "significance": significance,
+        "alpha": certificate["alpha"],
+        "delta": certificate["delta"],
+        "guarantee": certificate["guarantee"]["type"],
+        "coverage_at_least": at_least,
+        "class_conditional": certificate["class_conditional"],
+        "checks": [{"name": "coverage", "passed": passed, "detail": detail}],
+    }
+
+
+def failure_message(verdict: dict[str, Any]) -> str:
+    """One line naming every failed check (for the exit-4 error)."""
+    failed = [f"{c['name']}: {c['detail']}" for c in verdict["checks"] if not c["passed"]]
+    return "certificate does not hold: " + " | ".join(failed)
+
+
+def certify(
+    model: str | Path,
+    *,
+    cert: str | Path | dict[str, Any],
+    data: str | Path,
+    significance: float = 0.01,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    preprocess: Preprocess | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any]:
+    """Audit ``cert`` for ``model`` on the held-out test split ``data``.
+
+    Args:
+        model: The certified model file.
+        cert: The certificate (path or dict).
+        data: The test split: labelled, and disjoint from calibration and from everything the model used.
+        significance: Fail the coverage test when its p-value is below this.
+        arch: Architecture spec for a dense checkpoint.
+        arch_kwargs: Its keyword arguments.
+        preprocess: Image-folder preprocessing.
+        device: Compute device.
+        batch_size: Examples per forward pass.
+        reporter: Progress and messages.
+
+    Returns:
+        The verdict (see :func:`verdict_from_logits`) with ``model``, ``data`` and ``certificate``
+        records and the checks ``model-sha256``, ``test-data`` and ``coverage``. It does not raise
+        when the audit fails: ``verdict["passed"]`` says so (the CLI exits 4).
+
+    Raises:
+        UsageError: ``significance`` outside (0, 1).
+        CertificateError: The certificate is malformed or of another schema.
+        CalibrationError: The test data are the calibration data or data the model used.
+        DataError: Unlabelled test data, or labels outside the model's classes.
+    """
+    decimal_fraction(significance, name="significance")
+    certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
+    session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
+                           device=device, need_labels=True)
+    dataset, loaded = session.data, session.loaded
+    if dataset.sha256 == certificate["data"]["sha256"]:
+        raise CalibrationError(
+            f"{dataset.path.name} is the calibration data of this certificate (same sha256 as "
+            f"{certificate['data']['file']}); certify needs a held-out test split that calibration did not use"
+        )
+    check_unused(dataset.sha256, session.used_data(), file=dataset.path.name, purpose="test")
+    checks = []
+    expected = certificate["model"]["sha256"]
+    if loaded.sha256 != expected:
+        checks.append({"name": "model-sha256", "passed": False, "detail": (
+            f"model file {loaded.path.name} has sha256 {loaded.sha256[:16]}…, but the certificate binds "
+            f"{certificate['model']['file']} with sha256 {expected[:16]}…: the model changed since calibration "
+            "(or this is another model's certificate); recalibrate it with prunecp calibrate")})
+    else:
+        checks.append({"name": "model-sha256", "passed": True,
+                       "detail": f"{loaded.path.name} is the certified model (sha256 {expected[:16]}…)"})
+    checks.append({"name": "test-data", "passed": True, "detail": (
+        f"{dataset.path.name} (sha256 {dataset.sha256[:16]}…) is neither the calibration data nor data the "
+        "model used")})
+    record = {"model": {"file": loaded.path.name, "sha256": loaded.sha256},
+              "data": {"file": dataset.path.name, "sha256": dataset.sha256},
+              "certificate": {"file": Path(cert).name if not isinstance(cert, dict) else None,
+                              "model_sha256": expected, "data_sha256": certificate["data"]["sha256"]}}
+    if not checks[0]["passed"]:
+        checks.append({"name": "coverage", "passed": False,
+                       "detail": "skipped: the certificate does not apply to this model file"})
+        return {"passed": False, "coverage": None, "covered": None, "n": len(dataset), "mean_set_size": None,
+                "p_value": None, "significance": significance, "alpha": certificate["alpha"],
+                "delta": certificate["delta"], "guarantee": certificate["guarantee"]["type"],
+                "coverage_at_least": certificate["guarantee"]["coverage_at_least"],
+                "class_conditional": certificate["class_conditional"], "checks": checks, **record}
+    logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,
+                                    num_classes=session.num_classes, reporter=reporter, description="certify")
+    verdict = verdict_from_logits(logits, labels, certificate=certificate, significance=significance)
+    verdict["checks"] = checks + verdict["checks"]
+    verdict["passed"] = all(c["passed"] for c in verdict["checks"])
+    return {**verdict, **record}
