@@ -9,6 +9,9 @@ import typer
 
 from prunecp_cli import importance as registry
 from prunecp_cli.commands import _common as c
+from prunecp_cli.errors import UsageError
+
+_RISK = "Risk control (Learn-then-Test)"
 
 
 @c.cli_command
@@ -23,7 +26,8 @@ def prune(
                                                   rich_help_panel="Importance")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Score split: used by --method and for "
                                                  "BatchNorm recalibration.", rich_help_panel="Data")] = None,
-    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels to remove, in (0, 1).",
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels (with --granularity weight: "
+                                                   "of weights) to remove, in (0, 1).",
                                                    rich_help_panel="Pruning")] = None,
     target_flops: Annotated[float | None, typer.Option("--target-flops", help="Fraction of dense FLOPs to keep, "
                                                           "in (0, 1).", rich_help_panel="Pruning")] = None,
@@ -41,6 +45,37 @@ def prune(
                                                            help="Re-estimate BatchNorm statistics on --data after "
                                                            "pruning (default: on when --data is given).",
                                                            rich_help_panel="Pruning")] = None,
+    granularity: Annotated[str, typer.Option("--granularity", help="channel: remove whole filters physically "
+                                             "(a smaller, faster model). weight: zero the smallest-magnitude weights "
+                                             "of the whole network, unstructured (Alvarez 2024); shapes, parameter "
+                                             "count and FLOPs stay the same, so there is NO speed-up.",
+                                             rich_help_panel="Pruning")] = "channel",
+    risk_data: Annotated[Path | None, typer.Option("--risk-data", help="Prune as far as Learn-then-Test certifies "
+                                                      "on these data (disjoint from --data and from any calibration "
+                                                      "data; only the test reads them).", rich_help_panel=_RISK)] = None,
+    max_risk: Annotated[float | None, typer.Option("--max-risk", help="Largest tolerated risk epsilon, in (0, 1): "
+                                                      "P(risk <= epsilon) >= 1 - delta.", rich_help_panel=_RISK)] = None,
+    delta: Annotated[float | None, typer.Option("--delta", help="Failure probability of the guarantee, in (0, 1) "
+                                                   "(default 0.05).", rich_help_panel=_RISK)] = None,
+    risk: Annotated[str | None, typer.Option("--risk", help="disagreement (pruned top-1 != dense top-1; needs no "
+                                                "labels; the default), error (pruned top-1 error), excess-error (pruned "
+                                                "minus dense error) or set-size (mean conformal set size; needs "
+                                                "--max-set-size and --cert).", rich_help_panel=_RISK)] = None,
+    grid: Annotated[str | None, typer.Option("--grid", help="Increasing levels tested from the smallest up: "
+                                                "0.05,0.1,0.2 or START:STOP:STEP (default 0.05:0.95:0.05).",
+                                                rich_help_panel=_RISK)] = None,
+    grid_kind: Annotated[str | None, typer.Option("--grid-kind", help="ratio: a level is the fraction of channels "
+                                                     "(or, with --granularity weight, of weights) removed (default); "
+                                                     "flops: the fraction of the dense FLOPs removed.",
+                                                     rich_help_panel=_RISK)] = None,
+    pvalue: Annotated[str | None, typer.Option("--pvalue", help="binomial (exact, default for 0/1 losses), hb "
+                                                  "(Hoeffding-Bentkus, default for bounded losses), hoeffding or "
+                                                  "bentkus.", rich_help_panel=_RISK)] = None,
+    max_set_size: Annotated[float | None, typer.Option("--max-set-size", help="--risk set-size: bound B on the mean "
+                                                          "prediction-set size, in (1, K).", rich_help_panel=_RISK)] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="--risk set-size: certificate whose nonconformity, alpha "
+                                                 "and delta make the sets (q-hat is recalibrated on half of the risk "
+                                                 "data at each level).", rich_help_panel=_RISK)] = None,
     opt: c.Opt = None,
     max_samples: c.MaxSamples = None,
     arch: c.Arch = None,
@@ -55,19 +90,45 @@ def prune(
     quiet: c.Quiet = False,
     debug: c.Debug = False,
 ) -> None:
-    """Remove the least important channels physically, check the model, and save it as .safetensors."""
+    """Remove the least important channels physically, check the model, and save it as .safetensors.
+
+    With --risk-data, prune as far as Learn-then-Test certifies: P(risk <= --max-risk) >= 1 - --delta.
+    """
     options = registry.parse_options(method, opt) if method else None
     from prunecp_cli import api
     from prunecp_cli.pipeline.session import parse_shape
 
     rep = c.reporter(quiet)
-    result = api.prune(
-        checkpoint, out, scores=scores, method=method, data=data, ratio=ratio, target_flops=target_flops,
-        scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to, protect=protect,
-        ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
-        input_shape=parse_shape(input_shape), options=options, device=device, batch_size=batch_size, seed=seed,
-        max_samples=max_samples, preprocess=c.preprocess(image_size, mean, std), reporter=rep,
+    common = dict(
+        scores=scores, method=method, data=data, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
+        protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,
+        arch_kwargs=c.arch_kwargs(arch_kwargs), input_shape=parse_shape(input_shape), options=options, device=device,
+        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=c.preprocess(image_size, mean, std),
+        reporter=rep, granularity=granularity,
     )
+    risk_options = {"--max-risk": max_risk, "--delta": delta, "--risk": risk, "--grid": grid, "--grid-kind": grid_kind,
+                    "--pvalue": pvalue, "--max-set-size": max_set_size, "--cert": cert}
+    if risk_data is None:
+        given = [flag for flag, value in risk_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} belongs to risk control and needs --risk-data, the data Learn-then-Test "
+                             "certifies on")
+        result = api.prune(checkpoint, out, ratio=ratio, target_flops=target_flops, **common)
+    else:
+        if ratio is not None or target_flops is not None:
+            raise UsageError("--ratio and --target-flops fix one level, but with --risk-data the level is the largest "
+                             "certified one on --grid; drop them (use --grid-kind flops for FLOPs levels)")
+        result = api.prune_confident(
+            checkpoint, out, risk_data=risk_data, max_risk=max_risk, delta=0.05 if delta is None else delta,
+            risk=risk or "disagreement", grid=grid, grid_kind=grid_kind or "ratio", pvalue_method=pvalue,
+            max_set_size=max_set_size, cert=cert, **common,
+        )
+        control = result.extra["risk_control"]
+        rep.info(f"certified: {control['level_text']}. {control['statement']}")
+    sparsity = result.extra.get("sparsity")
+    if sparsity:
+        rep.info(f"zeroed {sparsity['zeroed']:,} of {sparsity['total']:,} weights ({sparsity['zeroed_fraction']:.1%}); "
+                 "shapes, parameters and FLOPs are unchanged: no speed-up without a sparse kernel")
     rep.info(
         f"wrote {result.output}: params {result.params_before:,} → {result.params_after:,} "
         f"({result.params_ratio:.1%}), FLOPs {result.flops_before:,} → {result.flops_after:,} "

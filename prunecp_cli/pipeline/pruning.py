@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from prunecp_cli import dist
 from prunecp_cli import importance as registry
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
-from prunecp_cli.io.data import Preprocess
+from prunecp_cli.io.data import Dataset, Preprocess
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params, flops_by_module
 from prunecp_cli.pipeline.scoring import (
     compute_importance,
@@ -26,7 +28,10 @@ from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.surgery.plan import apply_removal
 from prunecp_cli.surgery.select import FlopsModel, Policy, Removal, select
+from prunecp_cli.surgery.unstructured import NO_SPEEDUP, magnitude_prune
 from prunecp_cli.types import PruneResult, UsedData
+
+GRANULARITIES = ("channel", "weight")
 
 
 def tie_warnings(scores: dict[str, torch.Tensor], removal: Removal) -> list[str]:
@@ -45,15 +50,187 @@ def tie_warnings(scores: dict[str, torch.Tensor], removal: Removal) -> list[str]
             "ties were broken by channel index"]
 
 
-def recalibrate(session: Session, *, batch_size: int, reporter: Reporter) -> int:
-    """Re-estimate BatchNorm statistics on the session's data (this rank's shard)."""
-    data = dist.shard_dataset(session.data)
-    batches = (b.x for b in reporter.track(data.batches(batch_size, device=session.device),
-                                            total=-(-len(data) // batch_size), description="BN recalibration"))
-    model = session.model.to(session.device)
+def recalibrate_model(model: nn.Module, data: Dataset, *, device: torch.device, batch_size: int,
+                      reporter: Reporter = SILENT, description: str = "BN recalibration") -> int:
+    """Re-estimate ``model``'s BatchNorm statistics on ``data`` (this rank's shard); returns it on the CPU.
+
+    Args:
+        model: the model, modified in place.
+        data: the data to re-estimate on (the score split; never calibration or risk data).
+        device: where to compute.
+        batch_size: examples per forward pass.
+        reporter: progress.
+        description: label of the progress bar.
+
+    Returns:
+        Number of examples seen on this rank.
+    """
+    shard = dist.shard_dataset(data)
+    batches = (b.x for b in reporter.track(shard.batches(batch_size, device=device),
+                                            total=-(-len(shard) // batch_size), description=description))
+    model.to(device)
     seen = recalibrate_batchnorm(model, batches, reduce=dist.all_reduce_sum)
     model.cpu()
     return seen
+
+
+def recalibrate(session: Session, *, batch_size: int, reporter: Reporter) -> int:
+    """Re-estimate BatchNorm statistics on the session's data (this rank's shard)."""
+    return recalibrate_model(session.model, session.data, device=session.device, batch_size=batch_size,
+                             reporter=reporter)
+
+
+@dataclass
+class PruneSetup:
+    """A model opened for pruning, with its groups and their importance, before anything is removed.
+
+    Shared by :func:`prune` (one level) and confident pruning (one ranking reused at every level).
+
+    Attributes:
+        session: the model and the score data.
+        graph: the dense model's dependency graph (None when channels are not ranked).
+        scores: importance per group, higher = more important (empty when not ranked).
+        policy: the selection constraints.
+        method: importance method name.
+        method_params: its options.
+        used: data the model has seen so far (metadata plus the score data used here).
+        warnings: degenerate or tied scores, and other things worth reading.
+        params_before: parameters of the input model.
+        flops_before: FLOPs of the input model.
+    """
+
+    session: Session
+    graph: ModelGraph | None
+    scores: dict[str, torch.Tensor]
+    policy: Policy
+    method: str
+    method_params: dict[str, Any]
+    used: list[UsedData]
+    warnings: list[str] = field(default_factory=list)
+    params_before: int = 0
+    flops_before: int = 0
+
+
+def make_policy(scope: str, max_layer_ratio: float, round_to: int, protect: float | None) -> Policy:
+    """The selection :class:`Policy`; ``protect`` defaults to 0.1 with ``scope="global"``, 0 with ``local``."""
+    return Policy(scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
+                  protect=(0.1 if scope == "global" else 0.0) if protect is None else protect)
+
+
+def prepare(
+    checkpoint: str | Path,
+    *,
+    scores: str | Path | None = None,
+    method: str | None = None,
+    data: str | Path | None = None,
+    policy: Policy,
+    ignore: tuple[str, ...] = (),
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
+    options: dict[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int = 128,
+    seed: int = 0,
+    max_samples: int | None = None,
+    preprocess: Preprocess | None = None,
+    reporter: Reporter = SILENT,
+    rank_channels: bool = True,
+) -> PruneSetup:
+    """Open the model and the score data, trace its groups and rank their channels once.
+
+    Args: see :func:`prune`; ``rank_channels=False`` skips tracing and ranking (unstructured pruning).
+
+    Raises:
+        UsageError: contradictory options.
+        ScoresError: the scores file does not belong to this model.
+    """
+    if rank_channels and (scores is None) == (method is None):
+        raise UsageError("give exactly one of --scores (an importance.json) and --method")
+    table = read_importance(scores) if rank_channels and scores is not None else None
+    if input_shape is None and table is not None and table.input_shape:
+        input_shape = table.input_shape  # the shape the scores were traced with
+    session = open_session(checkpoint, data=data, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
+                           preprocess=preprocess, device=device)
+    model, example = session.model, session.example
+    used = session.used_data()
+    params_before, flops_before = count_params(model), count_flops(model, example)
+    if not rank_channels:
+        return PruneSetup(session, None, {}, policy, method or "", dict(options or {}), used,
+                          params_before=params_before, flops_before=flops_before)
+    graph = ModelGraph(model, example, ignore=ignore)
+    if table is not None:
+        group_scores = scores_for_graph(table, graph, model_sha256=session.loaded.sha256, path=scores)
+        method_name, method_params = table.method, table.params
+        if table.data_sha256:
+            used.append(UsedData(table.data_sha256, "score", Path(scores).name))
+    else:
+        info = registry.info(method)
+        method_params = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
+        group_scores, _ = compute_importance(session, graph, method=method, options=method_params,
+                                             batch_size=batch_size, seed=seed, max_samples=max_samples,
+                                             reporter=reporter)
+        method_name = method
+        if info.needs_data and session.data is not None:
+            used.append(UsedData(session.data.sha256, "score", session.data.path.name))
+    return PruneSetup(session, graph, group_scores, policy, method_name, method_params, used,
+                      warnings=degenerate_warnings(group_scores), params_before=params_before,
+                      flops_before=flops_before)
+
+
+def finalise(
+    setup: PruneSetup,
+    model: nn.Module,
+    output: str | Path,
+    *,
+    plan: dict[str, Any],
+    channels: dict[str, tuple[int, int]],
+    used: list[UsedData],
+    target: dict[str, Any],
+    recalibrated: int,
+    extra: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> PruneResult:
+    """Write the pruned ``model`` with its metadata (rank 0 only) and describe the result.
+
+    Args:
+        setup: what :func:`prepare` returned.
+        model: the pruned model.
+        output: the ``.safetensors`` file to write.
+        plan: the replayable plan.
+        channels: per group ``(before, after)`` channel counts.
+        used: every data file the pruned model has seen (for the disjointness checks).
+        target: what was asked for (ratio, FLOPs, scope, ...), recorded as ``extra["target"]``.
+        recalibrated: examples used for BatchNorm recalibration.
+        extra: further metadata fields (e.g. ``risk_control``), merged last.
+        warnings: warnings to return (default: the setup's).
+    """
+    session = setup.session
+    params_after, flops_after = count_params(model), count_flops(model, session.example)
+    meta = session.loaded.meta
+    fields = dict(meta.extra)
+    fields.update({
+        "source_sha256": session.loaded.sha256,
+        "method": setup.method,
+        "method_params": setup.method_params,
+        "data_sha256": _unique([u.__dict__ for u in used]),
+        "target": target,
+        "bn_recalibrated_examples": recalibrated,
+        "params_before": fields.get("params_before", setup.params_before),
+        "params_after": params_after,
+        "flops_before": fields.get("flops_before", setup.flops_before),
+        "flops_after": flops_after,
+        "flops_unit": FLOPS_UNIT,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    fields.update(extra or {})
+    new_meta = ModelMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, input_shape=session.input_shape,
+                         plan=plan, extra=fields)
+    digest = save_model(model, output, new_meta) if dist.rank() == 0 else ""
+    dist.barrier()
+    return PruneResult(str(output), digest, setup.params_before, params_after, setup.flops_before, flops_after,
+                       channels, warnings=list(setup.warnings if warnings is None else warnings),
+                       extra=dict(extra or {}))
 
 
 def prune(
@@ -81,6 +258,7 @@ def prune(
     max_samples: int | None = None,
     preprocess: Preprocess | None = None,
     reporter: Reporter = SILENT,
+    granularity: str = "channel",
 ) -> PruneResult:
     """Prune a model to a ratio or a FLOPs target and write it as ``.safetensors``.
 
@@ -109,48 +287,42 @@ def prune(
         max_samples: cap on examples used for scoring.
         preprocess: image preprocessing for folder data.
         reporter: progress and messages.
+        granularity: ``channel`` (remove filters physically) or ``weight`` (zero the ``ratio`` smallest
+            weights globally, unstructured; shapes and FLOPs unchanged, no speed-up).
 
     Raises:
         UsageError: contradictory options.
         ScoresError: the scores file does not belong to this model.
         PlanError: the target is unreachable, or the pruned model fails its forward check.
     """
-    if (scores is None) == (method is None):
+    check_granularity(granularity, scores=scores, method=method, target_flops=target_flops)
+    if granularity == "channel" and (scores is None) == (method is None):
         raise UsageError("give exactly one of --scores (an importance.json) and --method")
     if bn_recalibrate and data is None:
         raise UsageError("--bn-recalibrate needs --data (the score split) to re-estimate statistics on")
-    policy = Policy(scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
-                    protect=(0.1 if scope == "global" else 0.0) if protect is None else protect)
-    session = open_session(checkpoint, data=data, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
-                           preprocess=preprocess, device=device)
+    policy = make_policy(scope, max_layer_ratio, round_to, protect)
+    if granularity == "weight":
+        if ratio is None:
+            raise UsageError("--granularity weight needs --ratio, the fraction of weights to zero")
+        setup = prepare(checkpoint, data=data, policy=policy, arch=arch, arch_kwargs=arch_kwargs,
+                        input_shape=input_shape, device=device, preprocess=preprocess, rank_channels=False)
+        return prune_weights(setup, output, ratio, ignore=ignore, bn_recalibrate=bn_recalibrate,
+                             batch_size=batch_size, reporter=reporter)
+    setup = prepare(checkpoint, scores=scores, method=method, data=data, policy=policy, ignore=ignore, arch=arch,
+                    arch_kwargs=arch_kwargs, input_shape=input_shape, options=options, device=device,
+                    batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=preprocess,
+                    reporter=reporter)
+    session, graph = setup.session, setup.graph
     model, example = session.model, session.example
-    graph = ModelGraph(model, example, ignore=ignore)
-    used = session.used_data()
-    if scores is not None:
-        table = read_importance(scores)
-        group_scores = scores_for_graph(table, graph, model_sha256=session.loaded.sha256, path=scores)
-        method_name, method_params = table.method, table.params
-        if table.data_sha256:
-            used.append(UsedData(table.data_sha256, "score", Path(scores).name))
-    else:
-        info = registry.info(method)
-        method_params = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
-        group_scores, _ = compute_importance(session, graph, method=method, options=method_params,
-                                             batch_size=batch_size, seed=seed, max_samples=max_samples,
-                                             reporter=reporter)
-        method_name = method
-        if info.needs_data and session.data is not None:
-            used.append(UsedData(session.data.sha256, "score", session.data.path.name))
-    warnings = degenerate_warnings(group_scores)
-    params_before, flops_before = count_params(model), count_flops(model, example)
     flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example)) if target_flops else None
-    removal = select(graph.groups, group_scores, policy=policy, ratio=ratio, target_flops=target_flops,
+    removal = select(graph.groups, setup.scores, policy=policy, ratio=ratio, target_flops=target_flops,
                      flops_model=flops_model)
-    warnings += tie_warnings(group_scores, removal)
+    warnings = setup.warnings + tie_warnings(setup.scores, removal)
     before = {g.name: g.channels for g in graph.groups}
     with reporter.status("removing channels"):
         plan = apply_removal(graph, removal, previous=session.loaded.meta.plan or None)
     recalibrated = 0
+    used = list(setup.used)
     if bn_recalibrate is None:
         bn_recalibrate = session.data is not None
     if bn_recalibrate:
@@ -158,31 +330,50 @@ def prune(
         used.append(UsedData(session.data.sha256, "bn-recalibration", session.data.path.name))
     for message in warnings:
         reporter.warn(message)
-    params_after, flops_after = count_params(model), count_flops(model, example)
-    meta = session.loaded.meta
-    extra = dict(meta.extra)
-    extra.update({
-        "source_sha256": session.loaded.sha256,
-        "method": method_name,
-        "method_params": method_params,
-        "data_sha256": _unique([u.__dict__ for u in used]),
-        "target": {"ratio": ratio, "target_flops": target_flops, "scope": scope, "max_layer_ratio": max_layer_ratio,
-                   "round_to": round_to, "protect": policy.protect, "ignore": list(ignore)},
-        "bn_recalibrated_examples": recalibrated,
-        "params_before": extra.get("params_before", params_before),
-        "params_after": params_after,
-        "flops_before": extra.get("flops_before", flops_before),
-        "flops_after": flops_after,
-        "flops_unit": FLOPS_UNIT,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
-    new_meta = ModelMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, input_shape=session.input_shape,
-                         plan=plan, extra=extra)
-    digest = save_model(model, output, new_meta) if dist.rank() == 0 else ""
-    dist.barrier()
     channels = {name: (count, count - len(removal.get(name, []))) for name, count in before.items()}
-    return PruneResult(str(output), digest, params_before, params_after, flops_before, flops_after, channels,
-                       warnings=warnings)
+    target = {"ratio": ratio, "target_flops": target_flops, "scope": scope, "max_layer_ratio": max_layer_ratio,
+              "round_to": round_to, "protect": policy.protect, "ignore": list(ignore)}
+    return finalise(setup, model, output, plan=plan, channels=channels, used=used, target=target,
+                    recalibrated=recalibrated, warnings=warnings)
+
+
+def check_granularity(granularity: str, *, scores: object, method: str | None, target_flops: float | None) -> None:
+    """Reject options that make no sense for the granularity.
+
+    Raises:
+        UsageError: unknown granularity, or weight granularity with scores, a non-magnitude method or a
+            FLOPs target (zeroing weights removes no FLOPs).
+    """
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"--granularity {granularity!r}: use {' or '.join(GRANULARITIES)}")
+    if granularity != "weight":
+        return
+    if scores is not None or method not in (None, "l1", "l2"):
+        raise UsageError("--granularity weight ranks single weights by magnitude; drop --scores and --method "
+                         "(or use --method l1)")
+    if target_flops is not None:
+        raise UsageError("--granularity weight zeroes weights and removes no FLOPs; use --ratio (fraction of "
+                         "weights) instead of --target-flops")
+
+
+def prune_weights(setup: PruneSetup, output: str | Path, fraction: float, *, ignore: tuple[str, ...] = (),
+                  bn_recalibrate: bool | None = None, batch_size: int = 128,
+                  reporter: Reporter = SILENT) -> PruneResult:
+    """Zero the ``fraction`` smallest weights of the setup's model globally, recalibrate BN, save.
+
+    See :mod:`prunecp_cli.surgery.unstructured`: shapes, parameters and FLOPs stay the same.
+    """
+    session = setup.session
+    sparsity = magnitude_prune(session.model, fraction, ignore=ignore)
+    used, recalibrated = list(setup.used), 0
+    if bn_recalibrate or (bn_recalibrate is None and session.data is not None):
+        recalibrated = recalibrate(session, batch_size=batch_size, reporter=reporter)
+        used.append(UsedData(session.data.sha256, "bn-recalibration", session.data.path.name))
+    reporter.info(f"--granularity weight: {NO_SPEEDUP}")
+    setup.method, setup.method_params = "magnitude-unstructured", {}
+    target = {"ratio": fraction, "granularity": "weight", "ignore": list(ignore)}
+    return finalise(setup, session.model, output, plan=session.loaded.meta.plan, channels={}, used=used,
+                    target=target, recalibrated=recalibrated, extra={"sparsity": sparsity.to_json()})
 
 
 def _unique(records: list[dict[str, str]]) -> list[dict[str, str]]:

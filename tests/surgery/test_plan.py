@@ -21,6 +21,7 @@ from prunecp_cli.surgery.select import FlopsModel, Policy, select
 
 RELOAD = """
 import sys, torch
+torch.set_num_threads(int(sys.argv[4]))  # same summation order as the parent: bitwise comparison
 from prunecp_cli import load_model
 model = load_model(sys.argv[1])
 x = torch.load(sys.argv[2], weights_only=True)
@@ -43,8 +44,8 @@ def _prune_and_check_reload(tmp_path, model, arch, arch_kwargs, example, *, scop
     torch.save(example, tmp_path / "x.pt")
     with torch.no_grad():
         expected = model(example)
-    subprocess.run([sys.executable, "-c", RELOAD, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, timeout=120, cwd=tmp_path, env=_env())
+    subprocess.run([sys.executable, "-c", RELOAD, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"),
+                    str(torch.get_num_threads())], check=True, timeout=120, cwd=tmp_path, env=_env())
     reloaded = torch.load(tmp_path / "y.pt", weights_only=True)
     assert torch.equal(reloaded, expected)  # max abs difference 0
     return count_flops(model, example[:1]) / dense_flops
