@@ -36,7 +36,8 @@ from prunecp_cli.conformal.quantile import decimal_fraction
 from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value_pac
 from prunecp_cli.errors import CalibrationError, DataError
 from prunecp_cli.io.data import Preprocess
-from prunecp_cli.pipeline.calibration import check_labels, check_unused, collect_logits, set_metrics
+from prunecp_cli.pipeline.calibration import check_labels, check_unused, set_metrics
+from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.session import open_session
 from prunecp_cli.runtime import SILENT, Reporter
 

@@ -31,6 +31,7 @@ from torch import nn
 from prunecp_cli.errors import CalibrationError, CertificationFailed, DataError, PlanError, UsageError
 from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
 from prunecp_cli.measure import flops_by_module
+from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.pruning import (
     PruneSetup,
     check_granularity,
@@ -47,7 +48,6 @@ from prunecp_cli.pipeline.risktest import (
     check_open,
     level_losses,
     parse_grid,
-    predict_logits,
     read_set_size_split,
     risk_test,
     statement,
@@ -269,7 +269,8 @@ def prune_confident(
     pruner = LevelPruner(setup, granularity=granularity, grid_kind=grid_kind, ignore=ignore, bn_data=bn_data,
                          batch_size=batch_size)
     levels = _reachable(levels, pruner, reporter)
-    dense_top1 = predict_logits(session.model, risk_set, device=session.device, batch_size=batch_size).argmax(1)
+    dense_top1 = collect_logits(session.model, risk_set, device=session.device, batch_size=batch_size,
+                                num_classes=session.num_classes)[0].argmax(1)
     records, cache, certified = _run_test(levels, pruner, test, risk_set, dense_top1=dense_top1, labels=labels,
                                           split=split, batch_size=batch_size, reporter=reporter)
     n = len(split.test) if split is not None else len(risk_set)
@@ -343,7 +344,8 @@ def _run_test(levels: list[float], pruner: LevelPruner, test: RiskTest, risk_set
         key = pruner.key(level)
         if key not in outcome:
             built = pruner.build(level)
-            logits = predict_logits(built.model, risk_set, device=pruner.setup.session.device, batch_size=batch_size)
+            logits, _ = collect_logits(built.model, risk_set, device=pruner.setup.session.device, batch_size=batch_size,
+                                       num_classes=pruner.setup.session.num_classes)
             losses, facts = level_losses(test, logits, dense_top1=dense_top1, labels=labels, set_size=split)
             mean, p = test.pvalue_of(losses)
             outcome[key] = (mean, p, facts)

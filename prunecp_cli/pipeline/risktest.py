@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from prunecp_cli import dist
 from prunecp_cli.errors import UsageError
-from prunecp_cli.io.data import Dataset, split_indices
+from prunecp_cli.io.data import split_indices
 from prunecp_cli.io.files import sha256_file
 from prunecp_cli.riskcontrol.fixed_sequence import FixedSequenceResult, fixed_sequence_search
 from prunecp_cli.riskcontrol.losses import RiskSpec, get_risk
@@ -227,18 +225,6 @@ def level_losses(test: RiskTest, logits: torch.Tensor, *, dense_top1: torch.Tens
     if name == "error":
         return np.asarray(test.spec.loss(top1.numpy(), labels.numpy())), {}
     return np.asarray(test.spec.loss(top1.numpy(), dense_top1.numpy(), labels.numpy())), {}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: Dataset, *, device: torch.device, batch_size: int) -> torch.Tensor:
-    """Logits ``[N, K]`` (float32, CPU, dataset order) of ``model`` on ``data``, sharded across ranks."""
-    model.to(device).eval()
-    rows, index = [], []
-    for batch in dist.shard_dataset(data).batches(batch_size, device=device):
-        rows.append(model(batch.x).float())
-        index.append(batch.index.to(device))
-    model.cpu()
-    return dist.gather_rows(torch.cat(rows), torch.cat(index)).cpu()
 
 
 def statement(test: RiskTest, *, n: int, file: str, level: str, count: int, split: SetSizeSplit | None) -> str:

@@ -10,13 +10,13 @@ from torch import nn
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import open_dataset
 from prunecp_cli.pipeline.confident import LevelPruner
+from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.pruning import make_policy, prepare
 from prunecp_cli.pipeline.risktest import (
     SetSizeSplit,
     certify_losses,
     level_losses,
     parse_grid,
-    predict_logits,
     risk_test,
 )
 from prunecp_cli.surgery.unstructured import MagnitudeRanking, magnitude_prune
@@ -38,11 +38,11 @@ def level_losses_table(tmp_path_factory, trained_digits, digits_files):
                     policy=make_policy("global", 0.9, 1, None))
     pool = open_dataset(folder / "pool.npz")
     device = setup.session.device
-    dense = predict_logits(setup.session.model, pool, device=device, batch_size=256).argmax(1)
+    dense = collect_logits(setup.session.model, pool, device=device, batch_size=256, num_classes=10)[0].argmax(1)
     pruner = LevelPruner(setup, bn_data=setup.session.data)
     rows = []
     for level in GRID:
-        logits = predict_logits(pruner.build(level).model, pool, device=device, batch_size=256)
+        logits = collect_logits(pruner.build(level).model, pool, device=device, batch_size=256, num_classes=10)[0]
         rows.append(level_losses(risk_test("disagreement", num_classes=10, max_risk=0.1), logits,
                                  dense_top1=dense, labels=None)[0])
     return np.stack(rows)
