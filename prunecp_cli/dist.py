@@ -60,6 +60,20 @@ def shard_dataset(dataset):
     return dataset.subset(np.arange(tdist.get_rank(), len(dataset), tdist.get_world_size()))
 
 
+def shard_batches(dataset, batch_size: int):
+    """This rank's share of ``dataset`` in whole batches: batches r, r + W, r + 2W, ... of the single-process order.
+
+    Iterating the result in batches of ``batch_size`` yields exactly the batches a single process
+    would see (only fewer of them), so statistics that depend on batch composition (BatchNorm in
+    training mode) are the same as without torchrun.
+    """
+    if not is_distributed():
+        return dataset
+    starts = np.arange(0, len(dataset), batch_size)[tdist.get_rank() :: tdist.get_world_size()]
+    rows = [np.arange(s, min(s + batch_size, len(dataset))) for s in starts]
+    return dataset.subset(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64))
+
+
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather per-example rows from all ranks and put them back in dataset order.
 

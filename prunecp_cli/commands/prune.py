@@ -12,6 +12,7 @@ from prunecp_cli.commands import _common as c
 from prunecp_cli.errors import UsageError
 
 _RISK = "Risk control (Learn-then-Test)"
+_TUNE = "Fine-tuning and iterative pruning"
 
 
 @c.cli_command
@@ -76,6 +77,32 @@ def prune(
     cert: Annotated[Path | None, typer.Option("--cert", help="--risk set-size: certificate whose nonconformity, alpha "
                                                  "and delta make the sets (q-hat is recalibrated on half of the risk "
                                                  "data at each level).", rich_help_panel=_RISK)] = None,
+    finetune_data: Annotated[Path | None, typer.Option("--finetune-data", help="Labelled data to fine-tune on after "
+                                                       "pruning (e.g. the score split; never calibration data).",
+                                                       rich_help_panel=_TUNE)] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=0, help="Fine-tuning epochs per step.",
+                                        rich_help_panel=_TUNE)] = 2,
+    loss: Annotated[str, typer.Option("--loss", help="ce: cross-entropy; conftr: conformal training (Stutz et al. "
+                                      "2022) plus cross-entropy, for small prediction sets.",
+                                      rich_help_panel=_TUNE)] = "ce",
+    lr: Annotated[float, typer.Option("--lr", help="Peak SGD learning rate (Nesterov momentum 0.9, cosine "
+                                      "schedule).", rich_help_panel=_TUNE)] = 0.01,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.",
+                                                rich_help_panel=_TUNE)] = 5e-4,
+    finetune_batch_size: Annotated[int, typer.Option("--finetune-batch-size", min=2, help="Examples per step "
+                                                     "(ConfTr needs >= 198 at its training alpha 0.01).",
+                                                     rich_help_panel=_TUNE)] = 256,
+    conftr_alpha: Annotated[float, typer.Option("--conftr-alpha", help="ConfTr training miscoverage.",
+                                                rich_help_panel=_TUNE)] = 0.01,
+    conftr_temperature: Annotated[float, typer.Option("--conftr-temperature", help="ConfTr soft-set temperature.",
+                                                      rich_help_panel=_TUNE)] = 0.5,
+    conftr_size_weight: Annotated[float, typer.Option("--conftr-size-weight", help="ConfTr weight of the set-size "
+                                                      "loss.", rich_help_panel=_TUNE)] = 0.5,
+    ce_weight: Annotated[float, typer.Option("--ce-weight", help="Cross-entropy weight added to the ConfTr loss.",
+                                             rich_help_panel=_TUNE)] = 1.0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Reach the target in S equal steps, re-scoring "
+                                       "(--method), recalibrating BatchNorm and fine-tuning between them.",
+                                       rich_help_panel=_TUNE)] = 1,
     opt: c.Opt = None,
     max_samples: c.MaxSamples = None,
     arch: c.Arch = None,
@@ -88,6 +115,7 @@ def prune(
     batch_size: c.BatchSize = 128,
     seed: c.Seed = 0,
     quiet: c.Quiet = False,
+    verbose: c.Verbose = False,
     debug: c.Debug = False,
 ) -> None:
     """Remove the least important channels physically, check the model, and save it as .safetensors.
@@ -98,14 +126,27 @@ def prune(
     from prunecp_cli import api
     from prunecp_cli.pipeline.session import parse_shape
 
-    rep = c.reporter(quiet)
+    rep = c.reporter(quiet, verbose)
+    pre = c.preprocess(image_size, mean, std)
     common = dict(
         scores=scores, method=method, data=data, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
         protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,
         arch_kwargs=c.arch_kwargs(arch_kwargs), input_shape=parse_shape(input_shape), options=options, device=device,
-        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=c.preprocess(image_size, mean, std),
+        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=pre,
         reporter=rep, granularity=granularity,
     )
+    schedule = None
+    if finetune_data is not None or steps > 1:
+        from prunecp_cli.finetune import FinetuneConfig
+        from prunecp_cli.io.data import open_dataset
+        from prunecp_cli.pipeline.schedule import Schedule
+
+        config = None if finetune_data is None else FinetuneConfig(
+            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=finetune_batch_size, loss=loss,
+            conftr_alpha=conftr_alpha, conftr_temperature=conftr_temperature, conftr_size_weight=conftr_size_weight,
+            ce_weight=ce_weight, seed=seed)
+        tune_set = None if finetune_data is None else open_dataset(finetune_data, preprocess=pre)
+        schedule = Schedule(steps=steps, finetune=config, finetune_data=tune_set)
     risk_options = {"--max-risk": max_risk, "--delta": delta, "--risk": risk, "--grid": grid, "--grid-kind": grid_kind,
                     "--pvalue": pvalue, "--max-set-size": max_set_size, "--cert": cert}
     if risk_data is None:
@@ -113,8 +154,10 @@ def prune(
         if given:
             raise UsageError(f"{given[0]} belongs to risk control and needs --risk-data, the data Learn-then-Test "
                              "certifies on")
-        result = api.prune(checkpoint, out, ratio=ratio, target_flops=target_flops, **common)
+        result = api.prune(checkpoint, out, ratio=ratio, target_flops=target_flops, schedule=schedule, **common)
     else:
+        if schedule is not None:
+            raise UsageError("--risk-data certifies one-shot pruning levels; drop --finetune-data and --steps")
         if ratio is not None or target_flops is not None:
             raise UsageError("--ratio and --target-flops fix one level, but with --risk-data the level is the largest "
                              "certified one on --grid; drop them (use --grid-kind flops for FLOPs levels)")

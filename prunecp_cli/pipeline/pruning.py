@@ -15,7 +15,8 @@ from prunecp_cli import importance as registry
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
 from prunecp_cli.io.data import Dataset, Preprocess
-from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params, flops_by_module
+from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
+from prunecp_cli.pipeline.schedule import Schedule, run_schedule
 from prunecp_cli.pipeline.scoring import (
     compute_importance,
     degenerate_warnings,
@@ -26,8 +27,7 @@ from prunecp_cli.pipeline.session import Session, open_session
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
 from prunecp_cli.surgery.groups import ModelGraph
-from prunecp_cli.surgery.plan import apply_removal
-from prunecp_cli.surgery.select import FlopsModel, Policy, Removal, select
+from prunecp_cli.surgery.select import Policy, Removal, check_target
 from prunecp_cli.surgery.unstructured import NO_SPEEDUP, magnitude_prune
 from prunecp_cli.types import PruneResult, UsedData
 
@@ -65,7 +65,7 @@ def recalibrate_model(model: nn.Module, data: Dataset, *, device: torch.device, 
     Returns:
         Number of examples seen on this rank.
     """
-    shard = dist.shard_dataset(data)
+    shard = dist.shard_batches(data, batch_size)  # batch composition as in one process
     batches = (b.x for b in reporter.track(shard.batches(batch_size, device=device),
                                             total=-(-len(shard) // batch_size), description=description))
     model.to(device)
@@ -259,6 +259,7 @@ def prune(
     preprocess: Preprocess | None = None,
     reporter: Reporter = SILENT,
     granularity: str = "channel",
+    schedule: Schedule | None = None,
 ) -> PruneResult:
     """Prune a model to a ratio or a FLOPs target and write it as ``.safetensors``.
 
@@ -289,6 +290,8 @@ def prune(
         reporter: progress and messages.
         granularity: ``channel`` (remove filters physically) or ``weight`` (zero the ``ratio`` smallest
             weights globally, unstructured; shapes and FLOPs unchanged, no speed-up).
+        schedule: iterative steps and fine-tuning (default: one shot, no fine-tuning); see
+            :mod:`prunecp_cli.pipeline.schedule`.
 
     Raises:
         UsageError: contradictory options.
@@ -301,7 +304,12 @@ def prune(
     if bn_recalibrate and data is None:
         raise UsageError("--bn-recalibrate needs --data (the score split) to re-estimate statistics on")
     policy = make_policy(scope, max_layer_ratio, round_to, protect)
+    if granularity == "channel":
+        check_target(ratio, target_flops)
+    schedule = schedule or Schedule()
     if granularity == "weight":
+        if schedule.steps > 1 or schedule.finetune is not None:
+            raise UsageError("--granularity weight is one-shot magnitude pruning: drop --steps and --finetune-data")
         if ratio is None:
             raise UsageError("--granularity weight needs --ratio, the fraction of weights to zero")
         setup = prepare(checkpoint, data=data, policy=policy, arch=arch, arch_kwargs=arch_kwargs,
@@ -312,29 +320,29 @@ def prune(
                     arch_kwargs=arch_kwargs, input_shape=input_shape, options=options, device=device,
                     batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=preprocess,
                     reporter=reporter)
-    session, graph = setup.session, setup.graph
-    model, example = session.model, session.example
-    flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example)) if target_flops else None
-    removal = select(graph.groups, setup.scores, policy=policy, ratio=ratio, target_flops=target_flops,
-                     flops_model=flops_model)
-    warnings = setup.warnings + tie_warnings(setup.scores, removal)
-    before = {g.name: g.channels for g in graph.groups}
-    with reporter.status("removing channels"):
-        plan = apply_removal(graph, removal, previous=session.loaded.meta.plan or None)
-    recalibrated = 0
+    session = setup.session
     used = list(setup.used)
     if bn_recalibrate is None:
         bn_recalibrate = session.data is not None
+    if schedule.finetune_data is not None:
+        schedule.finetune_data.require_labels(session.num_classes)
+    done = run_schedule(setup, ratio=ratio, target_flops=target_flops, schedule=schedule, method=method,
+                        ignore=ignore, bn_recalibrate=bn_recalibrate, batch_size=batch_size, seed=seed,
+                        max_samples=max_samples, reporter=reporter)
     if bn_recalibrate:
-        recalibrated = recalibrate(session, batch_size=batch_size, reporter=reporter)
         used.append(UsedData(session.data.sha256, "bn-recalibration", session.data.path.name))
+    if schedule.finetune_data is not None:
+        used.append(UsedData(schedule.finetune_data.sha256, "fine-tune", schedule.finetune_data.path.name))
+    warnings = setup.warnings + done.warnings
     for message in warnings:
         reporter.warn(message)
-    channels = {name: (count, count - len(removal.get(name, []))) for name, count in before.items()}
     target = {"ratio": ratio, "target_flops": target_flops, "scope": scope, "max_layer_ratio": max_layer_ratio,
-              "round_to": round_to, "protect": policy.protect, "ignore": list(ignore)}
-    return finalise(setup, model, output, plan=plan, channels=channels, used=used, target=target,
-                    recalibrated=recalibrated, warnings=warnings)
+              "round_to": round_to, "protect": setup.policy.protect, "ignore": list(ignore), "steps": schedule.steps}
+    extra = {"schedule": done.log}
+    if schedule.finetune is not None:
+        extra["finetune"] = schedule.finetune.to_json()
+    return finalise(setup, session.model, output, plan=done.plan, channels=done.channels, used=used,
+                    target=target, recalibrated=done.recalibrated, warnings=warnings, extra=extra)
 
 
 def check_granularity(granularity: str, *, scores: object, method: str | None, target_flops: float | None) -> None:

@@ -8,8 +8,10 @@ during training), hooks accumulate the exact per-channel sum and sum of squares 
 input over all examples in float64, and the running statistics are set to their population mean
 and unbiased variance. Other layers (dropout) stay in eval mode; no weight changes.
 
-The accumulated sums are plain sums, so under ``torchrun`` they are all-reduced across ranks
-(see :mod:`prunecp_cli.dist`) and every rank ends with identical statistics.
+Training-mode normalisation makes the result depend on which examples share a batch, so under
+``torchrun`` ranks take whole batches of the single-process order (:func:`prunecp_cli.dist.shard_batches`);
+the accumulated sums are plain sums, all-reduced across ranks, so every rank ends with the
+statistics one process would compute (up to the order of float64 additions).
 """
 
 from __future__ import annotations

@@ -189,6 +189,20 @@ def _norm_channels(module: nn.Module) -> int:
     return module.num_features
 
 
+def check_target(ratio: float | None, target_flops: float | None) -> None:
+    """Exactly one target, inside (0, 1).
+
+    Raises:
+        UsageError: neither or both targets, or a value outside (0, 1).
+    """
+    if (ratio is None) == (target_flops is None):
+        raise UsageError("give exactly one of --ratio and --target-flops")
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise UsageError(f"--ratio {ratio} must lie in (0, 1): the fraction of channels to remove")
+    if target_flops is not None and not 0.0 < target_flops < 1.0:
+        raise UsageError(f"--target-flops {target_flops} must lie in (0, 1): the fraction of dense FLOPs to keep")
+
+
 def select(
     groups: list[ChannelGroup],
     scores: dict[str, torch.Tensor],
@@ -204,20 +218,15 @@ def select(
         UsageError: neither or both targets, or a target outside (0, 1).
         PlanError: the FLOPs target cannot be reached under the caps.
     """
-    if (ratio is None) == (target_flops is None):
-        raise UsageError("give exactly one of --ratio and --target-flops")
+    check_target(ratio, target_flops)
     if not groups:
         raise PlanError("the model has no prunable convolution groups (all are ignored or protected)")
     if ratio is not None:
-        if not 0.0 < ratio < 1.0:
-            raise UsageError(f"--ratio {ratio} must lie in (0, 1): the fraction of channels to remove")
         if policy.scope == "local":
             return select_local_ratio(groups, scores, ratio, policy)
         order = global_order(groups, scores, policy)
         total = sum(g.channels for g in groups)
         return select_global_count(groups, order, min(math.floor(ratio * total + 1e-9), len(order)), policy)
-    if not 0.0 < target_flops < 1.0:
-        raise UsageError(f"--target-flops {target_flops} must lie in (0, 1): the fraction of dense FLOPs to keep")
     if flops_model is None:
         raise ValueError("select(target_flops=...) needs a flops_model")
     goal = target_flops * flops_model.total

@@ -1,0 +1,174 @@
+"""Fine-tuning after pruning: cross-entropy, or conformal training (ConfTr).
+
+SGD with Nesterov momentum and a cosine learning-rate schedule over all steps, weight decay, and
+per-epoch seeded shuffling. Two objectives:
+
+* ``ce``: cross-entropy.
+* ``conftr``: the ConfTr objective of Stutz et al. (ICLR 2022), algorithms.md §1.1: each mini-batch
+  is split at random into a calibration half (a differentiable conformal threshold at the training
+  level ``conftr_alpha``) and a prediction half (sigmoid soft prediction sets), and the model
+  minimises ``log(L_cls + λ·Ω + 1e-8) + w_CE · CE``, where Ω = mean max(0, soft set size − 1) and
+  L_cls penalises soft sets that miss the label or include wrong ones
+  (:func:`prunecp_cli.conformal.smooth.conftr_loss`, whose threshold is the upper-tail conformal
+  quantile). Defaults: training α 0.01 (ConfTr's), temperature 0.5 (ConfTr's MNIST setting),
+  λ = 0.5 and κ = 1 (ConfTr's range when L_cls is on), w_CE = 1 to hold accuracy while fine-tuning.
+  α = 0.01 needs at least 99 calibration points per batch, so ConfTr batches hold at least 198.
+
+After the last epoch the BatchNorm running statistics are re-estimated exactly on the fine-tuning
+data (:func:`prunecp_cli.surgery.batchnorm.recalibrate_batchnorm`): the momentum-averaged statistics
+lag behind weights that moved in a few hundred steps, and the lag is large for ConfTr, whose
+gradients sharpen the logits quickly. Measured on the digits CNN at 60 % of its FLOPs, 5 epochs of
+ConfTr: test accuracy 0.711 with the momentum statistics, 0.904 after re-estimation (cross-entropy:
+0.967 and 0.974).
+
+Under torchrun the model is wrapped in DistributedDataParallel and every rank trains on its share
+of each epoch's (identical) permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunecp_cli import dist
+from prunecp_cli.conformal.quantile import min_calibration_size
+from prunecp_cli.conformal.smooth import conftr_loss
+from prunecp_cli.errors import UsageError
+from prunecp_cli.io.data import Dataset
+from prunecp_cli.runtime import SILENT, Reporter
+from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
+
+LOSSES = ("ce", "conftr")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings (see the module docstring for the defaults' sources).
+
+    Attributes:
+        epochs: passes over the fine-tuning data.
+        lr: peak learning rate (cosine-annealed to 0).
+        momentum: SGD Nesterov momentum.
+        weight_decay: L2 weight decay.
+        batch_size: examples per step (per process under torchrun).
+        loss: ``ce`` or ``conftr``.
+        conftr_alpha: ConfTr's training miscoverage.
+        conftr_temperature: ConfTr's sigmoid temperature T.
+        conftr_size_weight: ConfTr's λ on the size loss.
+        ce_weight: weight of cross-entropy added to the ConfTr objective.
+        seed: shuffling and batch-split seed.
+    """
+
+    epochs: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    loss: str = "ce"
+    conftr_alpha: float = 0.01
+    conftr_temperature: float = 0.5
+    conftr_size_weight: float = 0.5
+    ce_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if self.epochs < 0:
+            raise UsageError(f"--epochs {self.epochs} must be at least 0")
+        if self.lr <= 0:
+            raise UsageError(f"--lr {self.lr} must be positive")
+        if self.loss == "conftr":
+            need = 2 * min_calibration_size(self.conftr_alpha)
+            if self.batch_size < need:
+                raise UsageError(
+                    f"--loss conftr at training alpha {self.conftr_alpha} needs batches of at least {need} "
+                    f"(half of each batch calibrates); got --finetune-batch-size {self.batch_size}"
+                )
+
+    def to_json(self) -> dict:
+        """The settings as a JSON object (recorded in the model metadata)."""
+        return asdict(self)
+
+
+def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one batch and its parts (for logging)."""
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    if config.loss == "ce":
+        return ce, {"ce": float(ce.detach())}
+    parts = conftr_loss(logits, y, alpha=config.conftr_alpha, temperature=config.conftr_temperature,
+                        size_weight=config.conftr_size_weight, target_size=1.0, use_classification=True,
+                        generator=generator)
+    total = parts.total + config.ce_weight * ce
+    return total, {"ce": float(ce.detach()), "soft_size": float(parts.size.detach()),
+                   "conftr": float(parts.total.detach())}
+
+
+def finetune(
+    model: nn.Module,
+    data: Dataset,
+    config: FinetuneConfig,
+    *,
+    device: torch.device | None = None,
+    reporter: Reporter = SILENT,
+) -> list[dict[str, float]]:
+    """Fine-tune ``model`` in place on labelled ``data``; return one log record per epoch.
+
+    The model is returned in eval mode on the CPU.
+
+    Raises:
+        DataError: the data have no labels.
+    """
+    device = device or torch.device("cpu")
+    data.require_labels()
+    if config.epochs == 0 or len(data) == 0:
+        return []
+    model.to(device).train()
+    trained = model
+    if dist.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    world, rank = (dist.world_size(), dist.rank()) if dist.is_distributed() else (1, 0)
+    per_rank = len(data) // world  # equal shards: DDP needs the same number of steps on every rank
+    steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    smallest = 2 * min_calibration_size(config.conftr_alpha) if config.loss == "conftr" else 2
+    rng = np.random.default_rng(config.seed)
+    log = []
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(data))[: per_rank * world][rank::world]
+        shard = data.subset(order)
+        sums: dict[str, float] = {}
+        batches = 0
+        for batch in reporter.track(shard.batches(config.batch_size, device=device), total=steps_per_epoch,
+                                    description=f"fine-tune {config.loss} epoch {epoch + 1}/{config.epochs}"):
+            if batch.x.shape[0] < smallest:
+                continue  # a tail batch too small (to split, for ConfTr) is skipped, the same on every rank
+            loss, parts = batch_loss(trained, batch.x, batch.y, config, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            batches += 1
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+        record = {"epoch": epoch + 1, **{k: v / max(batches, 1) for k, v in sums.items()}}
+        log.append(record)
+        reporter.detail(f"fine-tune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                                     if k != "epoch"))
+    shard = dist.shard_batches(data, config.batch_size)
+    recalibrate_batchnorm(model, (b.x for b in shard.batches(config.batch_size, device=device)),
+                          reduce=dist.all_reduce_sum)
+    model.eval().cpu()
+    return log

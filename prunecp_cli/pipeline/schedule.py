@@ -1,0 +1,200 @@
+"""Pruning schedules: one shot, or S equal steps with re-scoring and fine-tuning between them.
+
+A step removes channels, re-estimates BatchNorm statistics on the score split, fine-tunes (when
+asked) and logs top-1 accuracy and split-conformal set size on the score split. With ``steps = S``
+the budget is reached in S equal steps: after step s the model keeps 1 − s·R/S of its channels
+(``--ratio R``) or 1 − s·(1 − F)/S of the dense FLOPs (``--target-flops F``), each step measured
+against what the previous one left, and the channels are re-scored on the current model before every
+step after the first (so ``--method`` is needed, not a fixed ``--scores`` file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunecp_cli.conformal.nonconformity import LAC, prediction_sets
+from prunecp_cli.conformal.quantile import conformal_quantile
+from prunecp_cli.errors import UsageError
+from prunecp_cli.finetune import FinetuneConfig, finetune
+from prunecp_cli.io.data import Dataset
+from prunecp_cli.measure import count_flops, flops_by_module
+from prunecp_cli.pipeline.inference import collect_logits
+from prunecp_cli.pipeline.scoring import compute_importance
+from prunecp_cli.runtime import SILENT, Reporter
+from prunecp_cli.surgery.groups import ModelGraph
+from prunecp_cli.surgery.plan import apply_removal
+from prunecp_cli.surgery.select import FlopsModel, Removal, select
+
+LOG_ALPHA = 0.1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How to reach the target.
+
+    Attributes:
+        steps: equal steps to reach the budget (1 = one shot).
+        finetune: fine-tuning after each step (None: no fine-tuning).
+        finetune_data: labelled data to fine-tune on.
+    """
+
+    steps: int = 1
+    finetune: FinetuneConfig | None = None
+    finetune_data: Dataset | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--steps {self.steps} must be at least 1")
+        if (self.finetune is None) != (self.finetune_data is None):
+            raise UsageError("fine-tuning needs --finetune-data (labelled) and settings together")
+
+
+@dataclass
+class ScheduleResult:
+    """What the schedule did to the model (pruned in place).
+
+    Attributes:
+        plan: the replayable plan (all steps).
+        channels: per group of the first step, ``(before, after)`` channel counts.
+        recalibrated: examples used for BatchNorm recalibration (last step).
+        log: one record per step (FLOPs kept, accuracy, set size, fine-tuning losses).
+        warnings: ties found on the way.
+    """
+
+    plan: dict[str, Any]
+    channels: dict[str, tuple[int, int]]
+    recalibrated: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def step_target(value: float, step: int, steps: int, *, kept_before: float) -> float:
+    """The step's target relative to the current model.
+
+    Args:
+        value: the final target: fraction removed (``--ratio``) or kept (``--target-flops``), given as
+            the fraction to *keep* at the end.
+        step: 1-based step.
+        steps: total steps.
+        kept_before: fraction of the original kept before this step.
+    """
+    goal = 1.0 - step * (1.0 - value) / steps
+    return min(goal / kept_before, 1.0)
+
+
+def score_split_metrics(model, data: Dataset, *, device, batch_size: int, num_classes: int, seed: int
+                        ) -> dict[str, float]:
+    """Top-1 accuracy and LAC split-conformal coverage and set size (α 0.1) on two halves of ``data``."""
+    logits, labels = collect_logits(model, data, device=device, batch_size=batch_size, num_classes=num_classes)
+    if labels is None or len(labels) < 40:
+        return {}
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
+    cal, test = order[: len(order) // 2], order[len(order) // 2 :]
+    score = LAC()
+    qhat = conformal_quantile(score.label_scores(logits[cal], labels[cal]), LOG_ALPHA).qhat
+    sets = prediction_sets(score.all_scores(logits[test]), qhat)
+    return {
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "mean_set_size": float(sets.sum(1).float().mean()),
+        "coverage": float(sets[torch.arange(len(test)), labels[test]].float().mean()),
+    }
+
+
+def run_schedule(
+    setup,
+    *,
+    ratio: float | None,
+    target_flops: float | None,
+    schedule: Schedule,
+    method: str | None,
+    ignore: tuple[str, ...],
+    bn_recalibrate: bool,
+    batch_size: int,
+    seed: int,
+    max_samples: int | None,
+    reporter: Reporter = SILENT,
+) -> ScheduleResult:
+    """Prune ``setup``'s model in place following ``schedule``.
+
+    Args:
+        setup: a :class:`~prunecp_cli.pipeline.pruning.PruneSetup` (model, graph, first scores).
+        ratio: final fraction of channels to remove (or None).
+        target_flops: final fraction of dense FLOPs to keep (or None).
+        schedule: steps and fine-tuning.
+        method: importance method for re-scoring between steps.
+        ignore: layers kept whole.
+        bn_recalibrate: re-estimate BatchNorm statistics on the score split after each step.
+        batch_size: examples per forward pass.
+        seed: seed.
+        max_samples: cap on scoring examples.
+        reporter: progress and messages.
+
+    Raises:
+        UsageError: several steps with a fixed scores file.
+    """
+    from prunecp_cli.pipeline.pruning import recalibrate_model, tie_warnings
+
+    if schedule.steps > 1 and method is None:
+        raise UsageError("--steps > 1 re-scores the model between steps: use --method instead of --scores")
+    session, graph, scores = setup.session, setup.graph, setup.scores
+    model, example = session.model, session.example
+    flops_dense = count_flops(model, example)
+    channels_dense = {g.name: g.channels for g in graph.groups}
+    total_dense = sum(channels_dense.values())
+    plan = session.loaded.meta.plan or None
+    result = ScheduleResult(plan={}, channels={})
+    for step in range(1, schedule.steps + 1):
+        if step > 1:
+            graph = ModelGraph(model, example, ignore=ignore)
+            scores, _ = compute_importance(session, graph, method=method, options=setup.method_params,
+                                           batch_size=batch_size, seed=seed + step, max_samples=max_samples,
+                                           reporter=reporter)
+        removal = _step_removal(setup, graph, scores, step, schedule.steps, ratio=ratio, target_flops=target_flops,
+                                flops_dense=flops_dense, total_dense=total_dense)
+        result.warnings += tie_warnings(scores, removal)
+        with reporter.status(f"step {step}/{schedule.steps}: removing channels"):
+            plan = apply_removal(graph, removal, previous=plan)
+        if bn_recalibrate:
+            result.recalibrated = recalibrate_model(model, session.data, device=session.device,
+                                                    batch_size=batch_size, reporter=reporter)
+        record: dict[str, Any] = {"step": step, "flops_kept": count_flops(model, example) / flops_dense}
+        if schedule.finetune is not None:
+            losses = finetune(model, schedule.finetune_data, schedule.finetune, device=session.device,
+                              reporter=reporter)
+            record["finetune"] = losses[-1] if losses else {}
+        if session.data is not None and session.data.has_labels:
+            record.update(score_split_metrics(model, session.data, device=session.device, batch_size=batch_size,
+                                              num_classes=session.num_classes, seed=seed))
+        result.log.append(record)
+        say = reporter.detail if reporter.verbose else reporter.info
+        say(f"step {step}/{schedule.steps}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float)))
+    result.plan = plan
+    result.channels = {name: (count, _width(model, name)) for name, count in channels_dense.items()}
+    return result
+
+
+def _step_removal(setup, graph: ModelGraph, scores, step: int, steps: int, *, ratio, target_flops,
+                  flops_dense: int, total_dense: int) -> Removal:
+    model, example = setup.session.model, setup.session.example
+    if target_flops is not None:
+        kept = count_flops(model, example) / flops_dense
+        relative = step_target(target_flops, step, steps, kept_before=kept)
+        flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
+        if relative >= 1.0:
+            return {}
+        return select(graph.groups, scores, policy=setup.policy, target_flops=relative, flops_model=flops_model)
+    kept = sum(g.channels for g in graph.groups) / total_dense
+    relative = step_target(1.0 - ratio, step, steps, kept_before=kept)
+    if relative >= 1.0:
+        return {}
+    return select(graph.groups, scores, policy=setup.policy, ratio=1.0 - relative)
+
+
+def _width(model, name: str) -> int:
+    module = dict(model.named_modules())[name]
+    return module.out_channels if hasattr(module, "out_channels") else module.out_features
