@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 from testsupport import load_npz
+from torch import nn
 
 from prunecp_cli.importance import create
 from prunecp_cli.importance.base import ImportanceContext
