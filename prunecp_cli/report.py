@@ -70,6 +70,45 @@ def _reduction(before, after) -> float | None:
     return 1.0 - after / before
 
 
+PROVENANCE_KEYS = ("method", "target", "source_sha256", "data_sha256", "risk_control", "sparsity", "schedule",
+                   "finetune")
+
+
+def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, value) rows saying how a model was pruned, from its metadata."""
+    rows = []
+    if meta.get("method"):
+        rows.append(("importance method", str(meta["method"])))
+    target = meta.get("target") or {}
+    if target.get("target_flops") is not None:
+        rows.append(("target", f"keep {target['target_flops']} of dense FLOPs ({target.get('scope', 'local')})"))
+    elif target.get("ratio") is not None:
+        what = "weights" if target.get("granularity") == "weight" else "channels"
+        rows.append(("target", f"remove {target['ratio']} of {what} ({target.get('scope', 'global')})"))
+    if target.get("steps", 1) > 1:
+        rows.append(("schedule", f"{target['steps']} equal steps"))
+    tune = meta.get("finetune")
+    if tune:
+        rows.append(("fine-tuning", f"{tune['loss']}, {tune['epochs']} epoch(s) per step, lr {tune['lr']}"))
+    last = (meta.get("schedule") or [{}])[-1]
+    if "accuracy" in last:
+        rows.append(("score split after pruning", f"top-1 {last['accuracy']:.4f}, mean set size "
+                     f"{last['mean_set_size']:.3f} (alpha 0.1)"))
+    roles = {}
+    for record in meta.get("data_sha256") or []:
+        roles.setdefault(record["file"], []).append(record["role"])
+    if roles:
+        rows.append(("data seen", "; ".join(f"{f} ({', '.join(r)})" for f, r in roles.items())))
+    control = meta.get("risk_control")
+    if control:
+        rows.append(("Learn-then-Test", str(control.get("statement", ""))))
+    sparsity = meta.get("sparsity")
+    if sparsity:
+        rows.append(("weight sparsity", f"{sparsity.get('zeroed_fraction', 0):.1%} of weights zeroed: shapes and "
+                     "FLOPs unchanged, no speed-up without a sparse kernel"))
+    return rows
+
+
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))}
 
@@ -156,7 +195,7 @@ def report(
         params={"before": count_params(dense) if dense is not None else None, "after": count_params(pruned)},
         flops={"before": before_flops.get("") if dense is not None else None, "after": after_flops[""]},
         latency=timings,
-        metadata={k: v for k, v in meta.extra.items() if k in ("method", "target", "source_sha256", "data_sha256")},
+        metadata={k: v for k, v in meta.extra.items() if k in PROVENANCE_KEYS},
         certificate=certificate,
     )
 
@@ -214,6 +253,14 @@ def render_table(data: ReportData, console) -> None:
     for row in summary_rows(data):
         totals.add_row(*row)
     console.print(totals)
+    made = provenance_rows(data.metadata)
+    if made:
+        table = Table(title="How this model was made")
+        table.add_column("field")
+        table.add_column("value", overflow="fold")
+        for key, value in made:
+            table.add_row(key, value)
+        console.print(table)
     if data.certificate:
         render_certificate(data.certificate, console)
 
@@ -281,6 +328,10 @@ def render_markdown(data: ReportData) -> str:
                      f"{_pct(r.flops_before, r.flops_after)} |")
     lines += ["", f"_{data.flops_unit}_", "", "| quantity | value | change |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(data)]
+    made = provenance_rows(data.metadata)
+    if made:
+        lines += ["", "| how this model was made | |", "|---|---|"]
+        lines += [f"| {a} | {b} |" for a, b in made]
     if data.certificate:
         lines += ["", "| certificate | value |", "|---|---:|"]
         lines += [f"| {a} | {b} |" for a, b in certificate_rows(data.certificate)]

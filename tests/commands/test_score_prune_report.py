@@ -53,6 +53,9 @@ def test_prune_with_scores_records_used_data_and_reports(tmp_path, cli, trained_
     assert 0.35 <= report["reduction"]["flops"] <= 0.45
     markdown = (tmp_path / "report.markdown").read_text()
     assert "1 multiply-add = 1 FLOP" in markdown and "| `features.0.0` | Conv2d |" in markdown
+    assert "| importance method | l2 |" in markdown
+    assert "| target | keep 0.6 of dense FLOPs (global) |" in markdown
+    assert "score.npz (bn-recalibration)" in markdown
 
 
 def test_prune_with_method_and_data_records_score_data(tmp_path, cli, trained_digits, digits_files):
