@@ -8,6 +8,7 @@ is the identity and nothing is initialised.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import numpy as np
@@ -38,6 +39,9 @@ def setup(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tdist.init_process_group(backend=backend)
+    # A process that exits with a live gloo group can abort in its C++ destructors ("terminate called
+    # without an active exception", SIGABRT) and fail the whole torchrun job: always tear it down.
+    atexit.register(teardown)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,6 +112,15 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Destroy the process group if this process created one."""
-    if tdist.is_available() and tdist.is_initialized():
+    """Wait for every rank, then destroy the process group (registered at exit by :func:`setup`).
+
+    The barrier keeps a rank that finished early from tearing down while another still talks to
+    it; a rank that fails makes torchrun stop the others, so the barrier cannot hang a failed run.
+    """
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    try:
+        if tdist.get_world_size() > 1:
+            tdist.barrier()
+    finally:
         tdist.destroy_process_group()
