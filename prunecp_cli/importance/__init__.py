@@ -57,6 +57,61 @@ METHODS: dict[str, MethodInfo] = {
         "uniform random scores from --seed (a baseline)",
         needs_data=False,
     ),
+    "cp-bruteforce": MethodInfo(
+        "prunecp_cli.importance.cp_bruteforce:CPBruteForceImportance",
+        "exact change of split-conformal efficiency (set size + observed fuzziness) when each channel is "
+        "zeroed, recalibrated per channel (Zhao et al. 2025)",
+        options={
+            "alpha": (0.1, "miscoverage of the LAC predictor whose efficiency is measured"),
+            "measure": ("size-of", "efficiency: size-of (mean of set size and observed fuzziness), size, or of"),
+            "cal-fraction": (0.5, "share of the score data that calibrates; the rest measures efficiency"),
+            "max-rows": (2048, "most rows (masks x examples) in one forward pass (memory vs speed)"),
+            "max-memory-gb": (2.0, "stop early, naming a --max-samples that fits, above this much kept logits"),
+        },
+    ),
+    "cp-taylor": MethodInfo(
+        "prunecp_cli.importance.cp_taylor:CPTaylorImportance",
+        "first-order Taylor |sum_hw a*dOmega/da| of the smooth ConfTr set size, averaged over examples and "
+        "normalised per group (Zhao et al. 2025)",
+        options={
+            "alpha": (0.1, "miscoverage of the smooth threshold"),
+            "temperature": (1.0, "sigmoid temperature T of the soft sets, in -log p units"),
+            "dispersion": (0.1, "smooth-quantile kernel width, in standard errors of the quantile"),
+            "aggregate": ("example", "example: mean of per-example |terms|; batch: |mean of terms|"),
+        },
+    ),
+    "shapley": MethodInfo(
+        "prunecp_cli.importance.shapley:ShapleyImportance",
+        "Shapley value of each channel in its layer's game v(S) = -loss with the other channels zeroed, by "
+        "antithetic permutation sampling on --max-samples (default 128) examples (Ancona et al. 2020)",
+        options={
+            "samples": (5, "permutations per group (rounded up to even: antithetic pairs)"),
+            "value": ("loss", "game value: loss (-cross-entropy) or cp-size (-smooth conformal set size; new)"),
+            "aggregate": ("mean", "over examples: mean, or mean+2std (favours channels vital to a few examples)"),
+            "truncation": (0.0, "stop a permutation once the mean value is this close to all-off (0: never)"),
+            "antithetic": (True, "pair every permutation with its reverse"),
+            "alpha": (0.1, "value=cp-size: miscoverage of the smooth threshold"),
+            "temperature": (1.0, "value=cp-size: soft-set temperature, in -log p units"),
+            "dispersion": (0.1, "value=cp-size: smooth-quantile width, in standard errors of the quantile"),
+            "max-rows": (4096, "most rows (coalitions x examples) in one forward pass (memory vs speed)"),
+        },
+    ),
+    "cluster": MethodInfo(
+        "prunecp_cli.importance.cluster:ClusterImportance",
+        "MCICP: k-means++ on per-channel (mean, variance, cosine) features, cluster counts by self-adaptive "
+        "DE, crowding-distance rank within clusters (Sun et al. 2024)",
+        options={
+            "population": (20, "DE population size (at least 4)"),
+            "generations": (30, "DE generations after the initial population"),
+            "keep": (0.5, "fraction of the model's FLOPs the DE's candidate prunings keep (match --target-flops)"),
+            "penalty": (10.0, "DE objective lost per unit of FLOPs fraction above keep"),
+            "holdout": (0.5, "share of the score data (at most 2000) held out for the DE's accuracy"),
+            "cosine-source": ("activation", "cosine feature from the mean activation map (activation) or the "
+                              "filter weights (weight: a function of mean and variance)"),
+            "restarts": (10, "k-means++ seedings per clustering"),
+            "bn-recalibrate": (True, "re-estimate BatchNorm per DE candidate, as prune does (one more pass each)"),
+        },
+    ),
 }
 
 
