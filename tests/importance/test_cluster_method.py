@@ -8,9 +8,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from testsupport import assert_pruned_digits_model
 
-from prunecp_cli import load_model
 from prunecp_cli.importance.base import ImportanceContext
 from prunecp_cli.importance.cluster import (
     ClusterImportance,
@@ -136,9 +135,7 @@ def test_prune_with_cluster_end_to_end(tmp_path, cli, trained_digits, digits_fil
                  digits_files["score"], "--target-flops", "0.5", "--opt", "population=5", "--opt", "generations=2",
                  "-o", pruned)
     assert result.code == 0, result
-    model = load_model(pruned)
-    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] != [16, 32, 32]
-    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert_pruned_digits_model(pruned)
 
 
 def test_bad_option_is_a_usage_error(cli, trained_digits, digits_files):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from testsupport import assert_pruned_digits_model
 from torch import nn
 
 from prunecp_cli import load_model
@@ -148,6 +149,4 @@ def test_prune_with_shapley_end_to_end(tmp_path, cli, trained_digits, digits_fil
                  digits_files["score"], "--target-flops", "0.5", "--max-samples", "48", "--opt", "samples=2",
                  "-o", pruned)
     assert result.code == 0, result
-    model = load_model(pruned)
-    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] != [16, 32, 32]
-    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert_pruned_digits_model(pruned)
