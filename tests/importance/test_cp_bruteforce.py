@@ -2,7 +2,7 @@
 
 ``plain_loop_cp_bruteforce`` is the simplest possible reference (gates + full forward passes +
 the library's conformal functions); examples/benchmarks/scoring_speed.py times the method against
-this very function.
+its own copy of such a loop (a benchmark does not import from the tests).
 """
 
 from __future__ import annotations
