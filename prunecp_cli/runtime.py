@@ -12,7 +12,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -72,12 +72,10 @@ class Reporter:
 
     Attributes:
         quiet: print nothing (``--quiet``, non-terminal stderr, or a non-zero rank).
-        warnings: every warning issued, kept so APIs can return them to their callers.
     """
 
     quiet: bool = False
     verbose: bool = False
-    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def for_cli(cls, quiet: bool, *, verbose: bool = False) -> Reporter:
@@ -102,8 +100,11 @@ class Reporter:
             Console(stderr=True, highlight=False).print(message)
 
     def warn(self, message: str) -> None:
-        """Record a warning and print it to stderr on rank 0, even when quiet."""
-        self.warnings.append(message)
+        """Print a warning to stderr on rank 0, even when quiet.
+
+        The reporter keeps no record (the shared :data:`SILENT` instance would collect every call's
+        warnings): results carry their own ``warnings`` lists.
+        """
         if is_main_process():
             print(f"prunecp: warning: {message}", file=sys.stderr)
 
