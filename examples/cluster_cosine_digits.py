@@ -69,8 +69,8 @@ def main() -> None:
         cert_path = folder / f"certificate-{source}.json"
         api.calibrate(pruned, data=files["calib"], alpha=0.1, device="cpu", output=cert_path)
         verdict = api.certify(pruned, cert=cert_path, data=files["test"], device="cpu")
-        removed = {name: set(group["removed"]) for name, group in open_model(pruned).meta.plan["groups"].items()}
-        rows.append((source, result.flops_ratio, verdict, removed))
+        cut = {name: set(group["removed"]) for name, group in open_model(pruned).meta.plan["groups"].items()}
+        rows.append((source, result.flops_ratio, verdict, cut))
 
     print(f"digits CNN, cluster at {args.keep:.2f} of dense FLOPs, DE population {args.population}, "
           f"{args.generations} generations, seed {args.seed}")
