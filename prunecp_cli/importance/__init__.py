@@ -65,7 +65,7 @@ METHODS: dict[str, MethodInfo] = {
             "alpha": (0.1, "miscoverage of the LAC predictor whose efficiency is measured"),
             "measure": ("size-of", "efficiency: size-of (mean of set size and observed fuzziness), size, or of"),
             "cal-fraction": (0.5, "share of the score data that calibrates; the rest measures efficiency"),
-            "max-rows": (2048, "most rows (masks x examples) in one forward pass (memory vs speed)"),
+            "max-rows": (128, "most rows (masks x examples) per forward pass (memory vs speed; 128 was fastest on 2 CPU cores)"),
             "max-memory-gb": (2.0, "stop early, naming a --max-samples that fits, above this much kept logits"),
         },
     ),
@@ -93,7 +93,7 @@ METHODS: dict[str, MethodInfo] = {
             "alpha": (0.1, "value=cp-size: miscoverage of the smooth threshold"),
             "temperature": (1.0, "value=cp-size: soft-set temperature, in -log p units"),
             "dispersion": (0.1, "value=cp-size: smooth-quantile width, in standard errors of the quantile"),
-            "max-rows": (4096, "most rows (coalitions x examples) in one forward pass (memory vs speed)"),
+            "max-rows": (256, "most rows (coalitions x examples) per forward pass (memory vs speed; 256 was fastest on 2 CPU cores)"),
         },
     ),
     "cluster": MethodInfo(

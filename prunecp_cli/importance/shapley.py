@@ -41,7 +41,7 @@ and the game is played on a small set of labelled examples:
 **Examples.** The game is played on ``--max-samples`` examples of the score split (a seeded
 subset), or on :data:`DEFAULT_EXAMPLES` = 128 when ``--max-samples`` is not given: Shapley values
 cost ``O(P C N)`` suffix passes, and a small batch is what the method was designed for. All of
-them form one batch per group (raise ``max-rows`` rather than lower the count to go faster).
+them form one batch per group; ``max-rows`` bounds the rows (coalitions × examples) of one pass.
 
 **Distributed runs** split the *groups* over ranks (every rank plays its groups on all examples)
 and sum the results, so ``torchrun`` gives exactly the single-process values.

@@ -126,3 +126,57 @@ def test_untraceable_model_still_exact():
             with ChannelGates(model, graph.groups) as gates, torch.no_grad():
                 gates.set(group.name, masks[1])
                 assert torch.allclose(fast[1], model(x), atol=1e-5)
+
+
+class _AliasedNet(torch.nn.Module):
+    """conv-BN, then an identity and an in-place ReLU that overwrite the BN output's storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(6)
+        self.alias = torch.nn.Identity()
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv2(self.relu(self.alias(self.bn1(self.conv1(x)))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["resnet_small", "mobilenet_small", "vgg_small", "aliased"])
+def test_masked_values_and_linear_terms_are_used_and_exact(name):
+    """The shortcut survives its check on real architectures (so it is what runs) and matches full passes."""
+    make, shape = {**MAKERS, "aliased": (_AliasedNet, (1, 8, 8))}[name]
+    model = _randomised(make)
+    x = torch.randn(6, *shape)
+    graph = ModelGraph(model, x[:1])
+    with MaskedEvaluator(model, graph.groups, max_rows=18) as ev:
+        ev.prepare(x)
+        for group in graph.groups:
+            masks = 1 - torch.eye(group.channels)  # one channel off: the indexed linear path
+            fast = ev.evaluate(group.name, masks)
+            assert ev.shortcut_nodes(group.name) > 0, group.name  # the plan passed its own check
+            with ChannelGates(model, graph.groups) as gates, torch.no_grad():
+                for i in (0, group.channels - 1):
+                    gates.set(group.name, masks[i])
+                    assert torch.allclose(fast[i], model(x), atol=1e-5, rtol=1e-5)
+    if name in ("resnet_small", "vgg_small", "aliased"):  # a dense 3x3 conv follows a gate
+        assert any(ev._plans[g.name].linear for g in graph.groups)
+
+
+def test_fractional_masks_skip_the_shortcut_and_stay_exact():
+    model = _randomised(resnet_small)
+    x = torch.randn(3, 1, 16, 16)
+    graph = ModelGraph(model, x[:1])
+    group = graph.groups[0]
+    masks = torch.full((2, group.channels), 0.5)
+    masks[1, ::2] = 0.0
+    with MaskedEvaluator(model, graph.groups) as ev:
+        ev.prepare(x)
+        fast = ev.evaluate(group.name, masks)
+    with ChannelGates(model, graph.groups) as gates, torch.no_grad():
+        for i in range(2):
+            gates.set(group.name, masks[i])
+            assert torch.allclose(fast[i], model(x), atol=1e-5, rtol=1e-5)
