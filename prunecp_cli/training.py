@@ -52,8 +52,9 @@ def train_classifier(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` (eval mode) on ``x``, in batches."""
+    """Logits of ``model`` (eval mode) on ``x``, in batches, without an autograd graph."""
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
