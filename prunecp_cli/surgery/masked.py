@@ -165,8 +165,8 @@ class MaskedEvaluator:
             return _execute(self._graph, plan.suffix, self._values, {}, self._x, copies=copies)[self._graph.output]
         extended = torch.cat([masks, masks.new_ones(copies, 1)], dim=1)  # column C: "never masked"
         preset: dict[fx.Node, torch.Tensor] = {}
-        for node, channel_map in plan.masked.items():
-            preset[node] = _times_mask(self._values[node], extended[:, channel_map.to(extended.device)])
+        for node in plan.masked:
+            preset[node] = _times_mask(self._values[node], extended[:, plan.channel_maps[node].to(extended.device)])
         for node, source in plan.linear.items():
             channel_map = plan.channel_maps[source].to(extended.device)
             preset[node] = self._linear(node, source, channel_map, extended)
@@ -259,9 +259,8 @@ class _Plan:
     Attributes:
         suffix: every node that depends on the group's gates, in order (the plain masked pass).
         run: the suffix nodes still executed with the shortcut (steps 2-3 of the module docstring).
-        masked: nodes whose masked value is their clean value times the mask, and that ``run`` reads;
-            each with its channel map (see ``channel_maps``).
-        linear: convolutions computed from per-channel terms, each with its input node.
+        masked: the nodes whose masked value is their clean value times the mask and that ``run`` reads.
+        linear: the convolutions computed from im2col columns (step 3), each with its input node.
         channel_maps: for every "clean ⊙ mask" node, the group channel of each of its channels, as an
             index into the mask extended by a column of ones (index C: never masked).
         shortcut: whether ``run``, ``masked`` and ``linear`` may be used (False after a failed check).
@@ -269,9 +268,9 @@ class _Plan:
 
     suffix: list[fx.Node]
     run: list[fx.Node]
-    masked: dict[fx.Node, torch.Tensor]
+    masked: set[fx.Node]
     linear: dict[fx.Node, fx.Node]
-    channel_maps: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
+    channel_maps: dict[fx.Node, torch.Tensor]
     shortcut: bool = True
 
 
@@ -305,7 +304,7 @@ def _plan(graph: _Traced, group: ChannelGroup) -> _Plan | None:
         channel_map = _mask_channel_map(graph.module, node, marked, maps, gate_maps)
         if channel_map is not None:
             maps[node] = channel_map
-    masked: dict[fx.Node, torch.Tensor] = {}
+    masked: set[fx.Node] = set()
     linear: dict[fx.Node, fx.Node] = {}
     for node in suffix:
         if node in maps:
@@ -314,7 +313,7 @@ def _plan(graph: _Traced, group: ChannelGroup) -> _Plan | None:
         if len(sources) == 1 and _is_dense_conv(graph.module, node, sources[0]):
             linear[node] = sources[0]
         else:
-            masked.update((s, maps[s]) for s in sources)
+            masked.update(sources)
     run = [n for n in suffix if n not in maps and n not in linear]
     return _Plan(suffix, run, masked, linear, maps)
 
