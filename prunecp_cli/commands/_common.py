@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -56,6 +57,20 @@ Std = Annotated[
     str | None,
     typer.Option("--std", help="Per-channel standard deviation to divide by, e.g. 0.229,0.224,0.225.",
                  rich_help_panel="Data"),
+]
+
+class ChannelCount(str, Enum):
+    """Values of ``--channels``."""
+
+    gray = "1"
+    rgb = "3"
+
+
+Channels = Annotated[
+    ChannelCount | None,
+    typer.Option("--channels", help="Convert inputs to 1 (grayscale) or 3 (RGB) channels: images as PIL does, "
+                 "arrays by repeating the channel or by luma weights. Default: images get the model's input "
+                 "channels; arrays are used as stored.", rich_help_panel="Data"),
 ]
 Ignore = Annotated[
     list[str] | None,
@@ -118,12 +133,15 @@ def cli_command(func):
     return wrapper
 
 
-def preprocess(image_size: int | None, mean: str | None, std: str | None):
+def preprocess(
+    image_size: int | None, mean: str | None, std: str | None, channels: ChannelCount | int | None = None
+):
     """Build the data preprocessing from the Data options (imports the data module lazily)."""
     from prunecp_cli.io.data import Preprocess, parse_floats
 
     return Preprocess(image_size=image_size, mean=parse_floats(mean, option="--mean"),
-                      std=parse_floats(std, option="--std"))
+                      std=parse_floats(std, option="--std"),
+                      channels=None if channels is None else int(getattr(channels, "value", channels)))
 
 
 def reporter(quiet: bool, verbose: bool = False):

@@ -52,6 +52,7 @@ def calibrate(
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
+    channels: c.Channels = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 256,
     seed: c.Seed = 0,
@@ -65,7 +66,7 @@ def calibrate(
     cert = api.calibrate(
         model, data=data, alpha=alpha, delta=delta, nonconformity=nonconformity.value, randomized=randomized,
         k_reg=k_reg, lambda_reg=lambda_reg, class_conditional=class_conditional, output=out, arch=arch,
-        arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std), device=device,
+        arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels), device=device,
         batch_size=batch_size, seed=seed, reporter=rep,
     )
     q = cert["quantile"]

@@ -24,6 +24,7 @@ def certify(
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
+    channels: c.Channels = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 256,
     quiet: c.Quiet = False,
@@ -36,7 +37,7 @@ def certify(
     from prunecp_cli.pipeline.certification import failure_message
 
     verdict = api.certify(model, cert=cert, data=data, significance=significance, arch=arch,
-                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std),
+                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
                           device=device, batch_size=batch_size, reporter=c.reporter(quiet))
     if rank() == 0:
         if as_json:

@@ -24,6 +24,7 @@ def predict(
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
+    channels: c.Channels = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 256,
     quiet: c.Quiet = False,
@@ -39,7 +40,7 @@ def predict(
 
     rep = c.reporter(quiet)
     run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch,
-                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std),
+                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
                           device=device, batch_size=batch_size, reporter=rep)
     if rank() != 0:
         return

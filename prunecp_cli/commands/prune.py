@@ -111,6 +111,7 @@ def prune(
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
+    channels: c.Channels = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 128,
     seed: c.Seed = 0,
@@ -127,7 +128,7 @@ def prune(
     from prunecp_cli.pipeline.session import parse_shape
 
     rep = c.reporter(quiet, verbose)
-    pre = c.preprocess(image_size, mean, std)
+    pre = c.preprocess(image_size, mean, std, channels)
     common = dict(
         scores=scores, method=method, data=data, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
         protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,

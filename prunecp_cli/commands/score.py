@@ -36,6 +36,7 @@ def score(
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
+    channels: c.Channels = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 128,
     seed: c.Seed = 0,
@@ -53,7 +54,8 @@ def score(
     table = api.score(
         checkpoint, method=method, data=data, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
         input_shape=parse_shape(input_shape), options=options, ignore=tuple(ignore or ()), device=device,
-        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=c.preprocess(image_size, mean, std),
+        batch_size=batch_size, seed=seed, max_samples=max_samples,
+        preprocess=c.preprocess(image_size, mean, std, channels),
         reporter=rep,
     )
     from prunecp_cli.dist import rank

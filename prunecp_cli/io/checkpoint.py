@@ -1,8 +1,9 @@
 """Read checkpoints without pickle, and write prunecp model files.
 
-Dense checkpoints are ``.safetensors`` files or ``.pt``/``.pth``/``.bin`` state dicts read with
-``torch.load(weights_only=True)``; nested ``state_dict``/``model``/``model_state_dict`` entries and
-``module.``/``model.`` key prefixes are handled.
+Dense checkpoints are ``.safetensors`` files or ``.pt``/``.pth``/``.bin``/``.ckpt`` state dicts read
+with ``torch.load(weights_only=True)``; nested ``state_dict``/``model``/``model_state_dict`` entries and
+``module.``/``model.`` key prefixes are handled. The one class allowed beyond torch's weights-only
+defaults is ``argparse.Namespace``, which PyTorch Lightning stores as ``hyper_parameters``.
 
 A prunecp model file is a ``.safetensors`` state dict whose string metadata (all keys start with
 ``prunecp.``) names the architecture, its keyword arguments, the example input shape and the
@@ -11,7 +12,9 @@ replayable pruning plan. :func:`load_model` rebuilds such a file from that metad
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,15 +139,26 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         return tensors, metadata
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # Lightning's hyper_parameters
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{path} cannot be read as a weights-only state dict ({first[:160]}); "
-                "save it with torch.save(model.state_dict(), path) or as .safetensors"
-            ) from None
+            raise CheckpointError(_weights_only_failure(path, exc)) from None
         return _find_state_dict(obj, path), {}
     raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; use .safetensors, .pt, .pth or .bin")
+
+
+def _weights_only_failure(path: Path, exc: Exception) -> str:
+    """The one-line message for a ``torch.load(weights_only=True)`` failure, without torch's advice to unpickle."""
+    fix = "save it with torch.save(model.state_dict(), path) or as .safetensors"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{path} holds a pickled {found.group(1)}, which prunecp's weights-only load refuses (it unpickles "
+                f"nothing but tensors, plain containers and argparse.Namespace); {fix}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    unpickler = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    reason = (unpickler or lines or [type(exc).__name__])[0]
+    return f"{path} cannot be read as a weights-only state dict ({type(exc).__name__}: {reason}); {fix}"
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

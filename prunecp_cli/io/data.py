@@ -6,18 +6,24 @@ Accepted inputs (design.md §3):
   ``float32`` pixels are used as they are and ``uint8`` pixels are scaled to [0, 1]. Members stored
   uncompressed (``np.savez``) are memory-mapped, so only the current batch is in memory.
 * ``.safetensors`` / ``.pt`` / ``.pth`` files holding tensors ``x`` and ``y`` (read without pickle).
-* A folder in torchvision ``ImageFolder`` layout (``root/<class>/<image>``), decoded batch by batch,
-  resized with ``image_size`` and normalised with ``mean``/``std``.
+* A folder in torchvision ``ImageFolder`` layout (``root/<class>/<image>``), decoded batch by batch
+  and resized with ``image_size``; a flat folder of images (no class sub-folders) or a single image
+  file is unlabelled data. Images are converted to ``channels`` (1: PIL ``"L"``, 3: ``"RGB"``); without
+  it, to the model's input channels when the caller knows them, else to the first image's (1 for
+  grayscale, 3 otherwise), so every image of a folder has the same channel count.
 
+Every kind is normalised with ``mean``/``std`` the same way (after scaling to [0, 1]), and converted
+to ``channels`` when given (arrays: 1→3 by repeating, 3→1 by ITU-R 601 luma as PIL's ``"L"``).
 ``y`` may be absent for unlabelled data (``predict``, label-free risks). Every batch is checked for
 NaN and infinite values as it is read.
 """
 
 from __future__ import annotations
 
+import argparse
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,9 @@ from prunecp_cli.errors import DataError, UsageError
 from prunecp_cli.io.files import sha256_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+CHANNEL_CHOICES = (1, 3)
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,45 @@ class Preprocess:
 
     Attributes:
         image_size: for folders, resize the short side and centre-crop to this size (None: as stored).
-        mean: per-channel means subtracted after scaling to [0, 1] (None: no normalisation).
-        std: per-channel standard deviations divided by.
+        mean: per-channel means subtracted after scaling to [0, 1] (None: no normalisation); one value
+            (used for every channel) or one per channel.
+        std: per-channel standard deviations divided by, counted like ``mean``.
+        channels: convert inputs to this many channels, 1 or 3 (None: as stored; folders: see the
+            module docstring).
+
+    Raises:
+        UsageError: ``channels`` is not 1 or 3, or a ``std`` value is not positive.
     """
 
     image_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels is not None and self.channels not in CHANNEL_CHOICES:
+            raise UsageError(f"--channels {self.channels}: give 1 (grayscale) or 3 (RGB)")
+        if self.std is not None and any(not v > 0 for v in self.std):
+            raise UsageError(f"--std {','.join(f'{v:g}' for v in self.std)}: standard deviations must be positive")
+
+    def check_channels(self, channels: int, path: Path, *, hint: str = "") -> None:
+        """Check that ``mean`` and ``std`` fit inputs of ``channels`` channels.
+
+        Args:
+            channels: channel count of the model inputs built from the data.
+            path: the data, named in the message.
+            hint: text appended to the message (e.g. a layout hint).
+
+        Raises:
+            UsageError: ``mean`` or ``std`` has neither one value nor one per channel.
+        """
+        for option, values in (("--mean", self.mean), ("--std", self.std)):
+            if values is not None and len(values) not in (1, channels):
+                raise UsageError(
+                    f"{option} gives {len(values)} values but {path} has {channels} channel"
+                    f"{'' if channels == 1 else 's'}; give one value "
+                    f"per channel (or one for all){hint}"
+                )
 
 
 @dataclass
@@ -72,9 +113,25 @@ class Dataset:
     _x: object = field(default=None, repr=False)
     _y: np.ndarray | None = field(default=None, repr=False)
     _files: list[Path] | None = field(default=None, repr=False)
+    _shape: tuple[int, ...] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def files(self) -> list[Path] | None:
+        """The image file of every dataset row (indexed by row, not position), or None for array files."""
+        return self._files
+
+    def layout_hint(self, model_channels: int | None = None) -> str:
+        """A hint to transpose when an array file's ``x`` looks channels-last, else ``""``.
+
+        Args:
+            model_channels: the model's input channels, when known.
+        """
+        if self._files is not None or self._x is None:
+            return ""
+        return channels_last_hint(tuple(self._x.shape), model_channels)
 
     @property
     def has_labels(self) -> bool:
@@ -89,7 +146,12 @@ class Dataset:
             DataError: the data have no labels.
         """
         if self._y is None:
-            raise DataError(f"{self.path} has no labels (no 'y'); this command needs labelled data")
+            if self._files is not None:
+                raise DataError(
+                    f"{self.path} has no labels (images outside class sub-folders); this command needs labelled "
+                    "data: arrange the images as root/<class>/<image>"
+                )
+            raise DataError(f"{self.path} has no labels (no 'y'); this command needs labelled data: add y")
         return self._y[self.rows]
 
     @property
@@ -109,6 +171,7 @@ class Dataset:
             _x=self._x,
             _y=self._y,
             _files=self._files,
+            _shape=self._shape,
         )
 
     def require_labels(self, num_classes: int | None = None) -> None:
@@ -136,7 +199,8 @@ class Dataset:
         """Yield batches in row order; every batch is checked for NaN/inf.
 
         Raises:
-            DataError: a batch holds NaN or infinite values.
+            DataError: a batch holds NaN or infinite values, or an image whose size differs from the first
+                image's (without ``image_size``).
         """
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size} must be at least 1")
@@ -157,7 +221,18 @@ class Dataset:
 
     def _load_x(self, rows: np.ndarray) -> torch.Tensor:
         if self._files is not None:
-            return torch.stack([_load_image(self._files[int(r)], self.preprocess) for r in rows])
+            images = []
+            for row in rows:
+                file = self._files[int(row)]
+                image = _load_image(file, self.preprocess)
+                if self._shape is not None and tuple(image.shape) != self._shape:
+                    raise DataError(
+                        f"{file}: image is {image.shape[2]}×{image.shape[1]} pixels, but {self._files[0]} is "
+                        f"{self._shape[2]}×{self._shape[1]}; images differ in size: pass --image-size N to resize "
+                        "and centre-crop them all to N×N"
+                    )
+                images.append(image)
+            return _normalise(torch.stack(images), self.preprocess, self.path)
         array = self._x
         if isinstance(array, torch.Tensor):
             block = array[torch.from_numpy(rows)]
@@ -166,7 +241,35 @@ class Dataset:
             x = _to_float(np.asarray(array[rows]), self.path)  # a memmap reads only these rows
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        return _normalise(x, self.preprocess, self.path)
+        return _normalise(_convert_channels(x, self.preprocess.channels), self.preprocess, self.path)
+
+
+def channels_last_hint(shape: tuple[int, ...], model_channels: int | None = None) -> str:
+    """A hint to transpose an array of ``shape`` that looks N×H×W×C, else ``""``.
+
+    It looks channels-last when its last size is a plausible channel count (1..4) and its second is
+    not (more than 4, and not the model's channel count).
+
+    Args:
+        shape: shape of the whole ``x`` array.
+        model_channels: the model's input channels, when known.
+    """
+    if len(shape) != 4 or not 1 <= shape[3] <= 4 or shape[1] <= 4 or shape[1] == model_channels:
+        return ""
+    return (
+        f"; x has shape {list(shape)}, which looks channels-last (N×H×W×C): store it as N×C×H×W, "
+        "e.g. x.transpose(0, 3, 1, 2)"
+    )
+
+
+def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """Convert a float batch [N, C, H, W] to ``channels`` (checked at open: C is 1, 3 or ``channels``)."""
+    if channels is None or x.shape[1] == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    luma = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)
 
 
 def _to_float(block: np.ndarray, path: Path) -> torch.Tensor:
@@ -178,32 +281,35 @@ def _to_float(block: np.ndarray, path: Path) -> torch.Tensor:
 
 
 def _normalise(x: torch.Tensor, pre: Preprocess, path: Path) -> torch.Tensor:
+    """Subtract ``mean`` and divide by ``std``, the same way for every kind of data."""
     if pre.mean is None and pre.std is None:
         return x
     channels = x.shape[1]
-    mean = torch.tensor(pre.mean or (0.0,) * channels, dtype=x.dtype)
-    std = torch.tensor(pre.std or (1.0,) * channels, dtype=x.dtype)
-    if mean.numel() == 1:
-        mean = mean.expand(channels)
-    if std.numel() == 1:
-        std = std.expand(channels)
-    if mean.numel() != channels or std.numel() != channels:
-        raise UsageError(
-            f"--mean/--std give {mean.numel()}/{std.numel()} values but {path} has {channels} channels; "
-            "give one value per channel"
-        )
-    if (std <= 0).any():
-        raise UsageError("--std values must be positive")
+    pre.check_channels(channels, path)
+    mean = torch.tensor(pre.mean if pre.mean is not None else (0.0,), dtype=x.dtype).expand(channels)
+    std = torch.tensor(pre.std if pre.std is not None else (1.0,), dtype=x.dtype).expand(channels)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+def _image_channels(path: Path) -> int:
+    """Channels an image is converted to when nothing else decides: 1 for grayscale modes, else 3."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return 1 if image.mode in _GRAY_MODES else 3
+    except OSError as exc:
+        raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file") from None
+
+
 def _load_image(path: Path, pre: Preprocess) -> torch.Tensor:
+    """Decode one image as a float tensor [C, H, W] in [0, 1] (``pre.channels`` is set for images)."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
+            image = image.convert("L" if pre.channels == 1 else "RGB")
     except OSError as exc:
         raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file") from None
     if pre.image_size is not None:
@@ -211,26 +317,51 @@ def _load_image(path: Path, pre: Preprocess) -> torch.Tensor:
     return TF.to_tensor(image)
 
 
-def open_dataset(path: str | Path, *, preprocess: Preprocess | None = None) -> Dataset:
-    """Open a data file or folder (see module docstring) as a lazily read :class:`Dataset`.
+def open_dataset(
+    path: str | Path, *, preprocess: Preprocess | None = None, default_channels: int | None = None
+) -> Dataset:
+    """Open a data file, image file or folder (see module docstring) as a lazily read :class:`Dataset`.
+
+    The options that need no pixels are checked here, before any batch is read: the number of
+    ``mean``/``std`` values, and whether the arrays can be converted to ``preprocess.channels``.
+
+    Args:
+        path: the data.
+        preprocess: pixel preprocessing (default: none).
+        default_channels: channels to convert images to when ``preprocess.channels`` is None (the
+            model's input channels; used only when it is 1 or 3). Arrays are never converted by default.
 
     Raises:
-        DataError: the file is missing, unreadable, or its arrays have the wrong rank, dtype or length.
+        DataError: the file is missing, unreadable, or its arrays have the wrong rank, dtype, length or
+            a channel count ``preprocess.channels`` cannot be converted from.
+        UsageError: ``mean``/``std`` do not have one value per channel.
     """
     path = Path(path)
     preprocess = preprocess or Preprocess()
     if not path.exists():
         raise DataError(f"data {path} does not exist; check the path")
     if path.is_dir():
-        return _open_folder(path, preprocess)
+        return _open_folder(path, preprocess, default_channels)
     suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _open_images(path, [path], None, None, preprocess, default_channels)
     if suffix == ".npz":
         x, y = _open_npz(path)
     elif suffix in (".safetensors", ".pt", ".pth"):
         x, y = _open_tensor_file(path)
     else:
-        raise DataError(f"data {path}: unknown type {suffix!r}; use .npz, .safetensors, .pt or an image folder")
+        raise DataError(
+            f"data {path}: unknown type {suffix!r}; use .npz, .safetensors, .pt, an image file or an image folder"
+        )
     x, y = _validate_arrays(path, x, y)
+    stored = 1 if x.ndim == 3 else int(x.shape[1])
+    hint = channels_last_hint(tuple(x.shape))
+    if preprocess.channels is not None and stored not in (preprocess.channels, 1, 3):
+        raise DataError(
+            f"{path}: x has {stored} channels, which --channels {preprocess.channels} cannot convert (it converts "
+            f"between 1 and 3 channels){hint}"
+        )
+    preprocess.check_channels(preprocess.channels or stored, path, hint=hint)
     return Dataset(
         path=path,
         sha256=sha256_path(path),
@@ -297,7 +428,8 @@ def _open_tensor_file(path: Path):
             raise DataError(f"{path} is not a readable .safetensors file ({exc})") from None
     else:
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DataError(f"{path} cannot be read as tensors without pickle ({type(exc).__name__})") from None
     if not isinstance(tensors, dict) or "x" not in tensors:
@@ -329,32 +461,55 @@ def _validate_arrays(path: Path, x, y):
     return x, y
 
 
-def _open_folder(path: Path, preprocess: Preprocess) -> Dataset:
+def _is_image(file: Path) -> bool:
+    return file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _open_folder(path: Path, preprocess: Preprocess, default_channels: int | None) -> Dataset:
+    """An ``ImageFolder`` layout (labelled), or a flat folder of images (unlabelled)."""
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{path} is a folder with no class sub-folders; use the ImageFolder layout root/<class>/<image>")
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         for file in sorted((path / name).rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+            if _is_image(file):
                 files.append(file)
                 labels.append(label)
+    if files:
+        return _open_images(path, files, labels, classes, preprocess, default_channels)
+    files = sorted(file for file in path.iterdir() if _is_image(file))
     if not files:
-        raise DataError(f"{path}: no images found under its class folders ({', '.join(IMAGE_SUFFIXES)})")
-    dataset = Dataset(
+        raise DataError(
+            f"{path}: no images found, neither in class sub-folders (root/<class>/<image>) nor in the folder "
+            f"itself ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return _open_images(path, files, None, None, preprocess, default_channels)
+
+
+def _open_images(
+    path: Path,
+    files: list[Path],
+    labels: list[int] | None,
+    classes: list[str] | None,
+    preprocess: Preprocess,
+    default_channels: int | None,
+) -> Dataset:
+    """A dataset of image files; the first image fixes the size every other image must have."""
+    channels = preprocess.channels
+    if channels is None:
+        channels = default_channels if default_channels in CHANNEL_CHOICES else _image_channels(files[0])
+    preprocess = replace(preprocess, channels=channels)
+    preprocess.check_channels(channels, path)
+    return Dataset(
         path=path,
         sha256=sha256_path(path),
         rows=np.arange(len(files), dtype=np.int64),
         preprocess=preprocess,
         classes=classes,
-        _y=np.asarray(labels, dtype=np.int64),
+        _y=np.asarray(labels, dtype=np.int64) if labels is not None else None,
         _files=files,
+        _shape=tuple(_load_image(files[0], preprocess).shape),
     )
-    shapes = {tuple(dataset.subset([i]).first_batch(1).x.shape[1:]) for i in (0, len(files) - 1)}
-    if len(shapes) > 1 and preprocess.image_size is None:
-        raise UsageError(f"{path}: images differ in size ({sorted(shapes)}); pass --image-size")
-    return dataset
 
 
 def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> list[np.ndarray]:

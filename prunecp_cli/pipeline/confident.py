@@ -250,7 +250,7 @@ def prune_confident(
     session = setup.session
     test = risk_test(risk, num_classes=session.num_classes, max_risk=max_risk, max_set_size=max_set_size,
                      delta=delta, pvalue_method=pvalue_method)
-    risk_set = open_dataset(risk_data, preprocess=preprocess)
+    risk_set = open_dataset(risk_data, preprocess=preprocess, default_channels=session.input_shape[0])
     _check_disjoint(risk_set, setup)
     if len(risk_set) == 0:
         raise DataError(f"--risk-data {risk_set.path.name} holds no examples; the test needs hundreds or more")

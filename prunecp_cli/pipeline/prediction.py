@@ -6,8 +6,10 @@ One record per input, in data order::
 
 ``top1`` is the most probable class, ``set`` the classes in the conformal prediction set (ordered by
 class index), ``scores`` the nonconformity score of every class (the set is the classes whose score
-is at most the certificate's q̂), and ``label`` the true label when the data have one. With class
-names, ``top1``, ``set`` and ``label`` hold names instead of indices.
+is at most the certificate's q̂), and ``label`` the true label when the data have one. For image
+files and folders, ``path`` (after ``index``) is the input's file, as found under the ``--data`` path
+given (relative when it was relative). With class names, ``top1``, ``set`` and ``label`` hold names
+instead of indices.
 
 The model must be the file the certificate binds (its sha256 is checked). Randomised scores use the
 certificate's seed on the predict stream, distinct from the calibration and certify streams.
@@ -77,6 +79,7 @@ class Prediction:
     def records(self) -> Iterator[dict[str, Any]]:
         """Yield one record per input, in data order (see the module docstring)."""
         name = (lambda c: self.class_names[c]) if self.class_names else (lambda c: c)  # noqa: E731
+        files = self.data.files
         position = 0
         total = -(-len(self.data) // self.batch_size)
         for batch in (self.reporter or SILENT).track(self.data.batches(self.batch_size, device=self.device), total=total,
@@ -87,9 +90,13 @@ class Prediction:
             top1 = logits.argmax(1).cpu().tolist()
             scores = scores.cpu().tolist()
             labels = batch.y.cpu().tolist() if batch.y is not None else None
+            rows = batch.index.tolist()
             for i in range(len(top1)):
-                record = {"index": position, "top1": name(top1[i]),
-                          "set": [name(c) for c in sets[i].nonzero().flatten().tolist()], "scores": scores[i]}
+                record: dict[str, Any] = {"index": position}
+                if files is not None:
+                    record["path"] = str(files[rows[i]])
+                record.update({"top1": name(top1[i]), "set": [name(c) for c in sets[i].nonzero().flatten().tolist()],
+                               "scores": scores[i]})
                 if labels is not None:
                     record["label"] = name(labels[i])
                 position += 1

@@ -1,7 +1,8 @@
 """Open a model and its data together, and check that they fit each other.
 
 Every command starts here: the model is loaded (a prunecp file rebuilds itself; a dense checkpoint
-needs ``--arch``), the data are opened lazily, the example input for tracing is the first data
+needs ``--arch``), then the data are opened lazily (images converted to the model's input channels
+unless ``--channels`` says otherwise), the example input for tracing is the first data
 example (or the recorded/declared input shape), and one forward pass checks that model and data fit.
 """
 
@@ -87,13 +88,15 @@ def open_session(
     """
     target = resolve_device(device)
     dist.setup(target)
-    dataset = data if isinstance(data, Dataset) or data is None else open_dataset(data, preprocess=preprocess)
+    loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
+                        input_shape=input_shape if data is None else None)
+    channels = _input_channels(loaded)
+    dataset = (data if isinstance(data, Dataset) or data is None
+               else open_dataset(data, preprocess=preprocess, default_channels=channels))
     if dataset is not None and len(dataset) == 0:
         raise DataError(f"{dataset.path} holds no examples")
     if dataset is not None:
         example = dataset.first_batch(1).x
-    loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
-                        input_shape=list(example.shape[1:]) if dataset is not None else input_shape)
     recorded = loaded.meta.input_shape
     if dataset is None:
         shape = recorded or input_shape
@@ -104,15 +107,17 @@ def open_session(
         raise DataError(
             f"{dataset.path}: examples have shape {list(example.shape[1:])}, but the model was built for "
             f"{recorded}; pass data of the model's input shape (channels, height, width)"
+            f"{dataset.layout_hint(channels)}"
         )
     try:
         with torch.no_grad():
             out = loaded.model(example)
     except RuntimeError as exc:
         where = dataset.path if dataset is not None else "--input-shape"
+        hint = dataset.layout_hint(channels) if dataset is not None else ""
         raise DataError(
             f"{where}: the model cannot run on inputs of shape {list(example.shape[1:])} "
-            f"({str(exc).splitlines()[0][:160]}); check the channel count and image size"
+            f"({str(exc).splitlines()[0][:160]}); check the channel count and image size{hint}"
         ) from None
     if out.dim() != 2:
         raise DataError(f"the model's output has shape {list(out.shape)}; prunecp needs classifier logits [N, K]")
@@ -126,3 +131,12 @@ def open_session(
     if not loaded.meta.input_shape:
         loaded.meta.input_shape = list(example.shape[1:])
     return Session(loaded, dataset, example, num_classes, target)
+
+
+def _input_channels(loaded: LoadedModel) -> int | None:
+    """The model's input channels: from its recorded input shape, else its first convolution (None: unknown)."""
+    shape = loaded.meta.input_shape
+    if isinstance(shape, list) and len(shape) == 3 and isinstance(shape[0], int) and shape[0] > 0:
+        return shape[0]
+    conv = next((m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
