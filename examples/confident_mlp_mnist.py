@@ -120,7 +120,7 @@ def main() -> None:
             failed = control["levels"][-1]
             after = (f"{failed['level']:.2f} (p={failed['p_value']:.3g})" if not failed["certified"]
                      else "none (grid end)")
-            pruned = top1(api.load_model(out), x_test)
+            pruned = top1(api.load_model(out, arch=ARCH), x_test)  # our own factory: allow it by name
             realised = float((pruned != (dense_test if risk == "disagreement" else y_test)).float().mean())
             print(f"{risk:<13} {epsilon:>7.2f} {control['level']:>9.2f} {chosen['risk_hat']:>10.2%} "
                   f"{chosen['p_value']:>9.4f} {after:>18} {realised:>13.2%}")

@@ -130,6 +130,7 @@ def report(
     latency: bool = True,
     cert: str | Path | None = None,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> ReportData:
     """Compare a (pruned) model with its dense baseline.
 
@@ -145,22 +146,26 @@ def report(
         latency: measure latency (off to save time).
         cert: a ``certificate.json`` to summarise (validated with ``load_certificate``).
         reporter: progress and messages.
+        trust_arch: build the architecture a prunecp file (``model`` or ``baseline``) names even from an
+            untrusted module (``--trust-arch``).
     """
     certificate = None
     if cert is not None:
         from prunecp_cli.conformal.certificate import load_certificate
 
         certificate = load_certificate(cert)
-    session = open_session(model, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, device=device)
+    session = open_session(model, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, device=device,
+                           trust_arch=trust_arch)
     if certificate is not None:
         certificate = {**certificate, "binds_model": certificate["model"]["sha256"] == session.loaded.sha256}
     pruned, meta, example = session.model, session.loaded.meta, session.example
     dense: nn.Module | None = None
     if baseline is not None:
         base_arch = arch or meta.arch
-        dense = open_model(baseline, arch=base_arch, arch_kwargs=arch_kwargs or meta.arch_kwargs).model
+        dense = open_model(baseline, arch=base_arch, arch_kwargs=arch_kwargs or meta.arch_kwargs,
+                           trust_arch=trust_arch).model
     elif session.loaded.is_prunecp_file and meta.plan:
-        dense = build_model(meta.arch, meta.arch_kwargs)
+        dense = build_model(meta.arch, meta.arch_kwargs, origin=session.loaded.path)  # allowed by open_session
     after_flops = flops_by_module(pruned, example)
     before_flops = flops_by_module(dense, example) if dense is not None else {}
     dense_layers = _layers(dense) if dense is not None else {}

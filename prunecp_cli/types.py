@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecp_cli.errors import ScoresError
+from prunecp_cli.io.metadata import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
 
 IMPORTANCE_SCHEMA_VERSION = 1
 
@@ -69,41 +70,111 @@ class ImportanceTable:
     def from_json(cls, obj: Any, *, path: Path | str = "importance.json") -> ImportanceTable:
         """Validate and parse an ``importance.json`` object.
 
+        Every field is checked for type and range before it is used, so a damaged or hand-edited file
+        gives one :class:`ScoresError` naming the field.
+
         Raises:
-            ScoresError: wrong schema, missing fields, or scores that are not finite numbers.
+            ScoresError: wrong schema, missing fields, fields of the wrong type, or scores that are
+                not finite numbers.
         """
         if not isinstance(obj, dict):
             raise ScoresError(f"{path} is not a JSON object; pass a file written by prunecp score")
         version = obj.get("schema_version")
-        if version != IMPORTANCE_SCHEMA_VERSION:
+        if version != IMPORTANCE_SCHEMA_VERSION or isinstance(version, bool):
             raise ScoresError(
-                f"{path}: schema_version {version!r} is not supported (expected {IMPORTANCE_SCHEMA_VERSION}); "
+                f"{path}: schema_version {_short(version)} is not supported (expected {IMPORTANCE_SCHEMA_VERSION}); "
                 "re-run prunecp score"
             )
         for key in ("method", "params", "model_sha256", "groups"):
             if key not in obj:
                 raise ScoresError(f"{path} lacks the field {key!r}; re-run prunecp score")
-        groups = []
+
+        def bad(field_name: str, problem: str) -> ScoresError:
+            return ScoresError(f"{path}: field {field_name!r} {problem}; re-run prunecp score")
+
+        if not isinstance(obj["method"], str) or not obj["method"]:
+            raise bad("method", "must be a non-empty string")
+        if not isinstance(obj["params"], dict):
+            raise bad("params", "must be a JSON object")
+        if not isinstance(obj["model_sha256"], str):
+            raise bad("model_sha256", "must be a sha256 hex string")
+        data_sha256 = obj.get("data_sha256")
+        if data_sha256 is not None and not isinstance(data_sha256, str):
+            raise bad("data_sha256", "must be a sha256 hex string or null")
+        input_shape = obj.get("input_shape", [])
+        if not _is_shape(input_shape):
+            raise bad("input_shape", f"must be up to {MAX_INPUT_DIMS} positive sizes (C,H,W) of at most "
+                      f"{MAX_INPUT_ELEMENTS:,} values in all, got {_short(input_shape)}")
+        warnings = obj.get("warnings", [])
+        if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+            raise bad("warnings", "must be a list of strings")
+        if not isinstance(obj["groups"], list):
+            raise bad("groups", "must be a list of {name, modules, channels, importance} objects")
+        groups, seen = [], set()
         for i, raw in enumerate(obj["groups"]):
-            try:
-                name, modules, channels, scores = raw["name"], raw["modules"], int(raw["channels"]), raw["importance"]
-            except (KeyError, TypeError, ValueError):
-                raise ScoresError(f"{path}: group {i} lacks name, modules, channels or importance") from None
-            if not isinstance(scores, list) or len(scores) != channels:
-                raise ScoresError(f"{path}: group {name} has {channels} channels but {len(scores)} scores")
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores):
-                raise ScoresError(f"{path}: group {name} has a score that is not a finite number")
-            extras = {k: v for k, v in raw.items() if k not in ("name", "modules", "channels", "importance")}
-            groups.append(GroupImportance(name, list(modules), channels, [float(v) for v in scores], extras))
+            groups.append(_parse_group(raw, i, path))
+            if groups[-1].name in seen:
+                raise ScoresError(f"{path}: group {_label(groups[-1].name)} appears twice; re-run prunecp score")
+            seen.add(groups[-1].name)
         return cls(
-            method=str(obj["method"]),
+            method=obj["method"],
             params=dict(obj["params"]),
-            model_sha256=str(obj["model_sha256"]),
-            data_sha256=obj.get("data_sha256"),
+            model_sha256=obj["model_sha256"],
+            data_sha256=data_sha256,
             groups=groups,
-            input_shape=list(obj.get("input_shape", [])),
-            warnings=list(obj.get("warnings", [])),
+            input_shape=list(input_shape),
+            warnings=list(warnings),
         )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _label(name: str) -> str:
+    """A group name as it can appear in a one-line message (quoted when odd or long)."""
+    return name if name.isprintable() and len(name) <= 80 else _short(name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    """Up to MAX_INPUT_DIMS positive ints (or none) of at most MAX_INPUT_ELEMENTS values."""
+    return (isinstance(value, list) and len(value) <= MAX_INPUT_DIMS and all(_is_int(v) and v >= 1 for v in value)
+            and math.prod(value) <= MAX_INPUT_ELEMENTS)
+
+
+def _finite(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _parse_group(raw: Any, i: int, path: Path | str) -> GroupImportance:
+    """One entry of ``groups``, checked field by field."""
+    if not isinstance(raw, dict) or not all(k in raw for k in ("name", "modules", "channels", "importance")):
+        raise ScoresError(f"{path}: group {i} lacks name, modules, channels or importance; re-run prunecp score")
+    name, modules, channels, scores = raw["name"], raw["modules"], raw["channels"], raw["importance"]
+    if not isinstance(name, str) or not name:
+        raise ScoresError(f"{path}: group {i} has a name that is not a non-empty string; re-run prunecp score")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ScoresError(f"{path}: group {_label(name)} has modules that are not a list of layer names; re-run prunecp score")
+    if not _is_int(channels) or channels < 1:
+        raise ScoresError(f"{path}: group {_label(name)} has channels {_short(channels)}, not a positive integer; "
+                          "re-run prunecp score")
+    if not isinstance(scores, list) or len(scores) != channels:
+        count = f"{len(scores)} scores" if isinstance(scores, list) else f"importance of type {type(scores).__name__}"
+        raise ScoresError(f"{path}: group {_label(name)} has {channels} channels but {count}; re-run prunecp score")
+    if not all(_finite(v) for v in scores):
+        raise ScoresError(f"{path}: group {_label(name)} has a score that is not a finite number; re-run prunecp score")
+    extras = {k: v for k, v in raw.items() if k not in ("name", "modules", "channels", "importance")}
+    return GroupImportance(name, list(modules), channels, [float(v) for v in scores], extras)
 
 
 @dataclass(frozen=True)

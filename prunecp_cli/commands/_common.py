@@ -24,6 +24,16 @@ Arch = Annotated[
         rich_help_panel="Model",
     ),
 ]
+TrustArch = Annotated[
+    bool,
+    typer.Option(
+        "--trust-arch",
+        help="Build the architecture a prunecp .safetensors file names even when it is not from torchvision: "
+        "or prunecp_cli.models:. Building it imports and runs that module's code, so use this only for files "
+        "you trust; --arch with the file's own spec allows that one architecture alone.",
+        rich_help_panel="Model",
+    ),
+]
 ArchKwargs = Annotated[
     str | None,
     typer.Option("--arch-kwargs", help='JSON keyword arguments of the architecture, e.g. \'{"num_classes": 10}\'.',

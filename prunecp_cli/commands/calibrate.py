@@ -49,6 +49,7 @@ def calibrate(
                                                     "class.", rich_help_panel=_CP)] = False,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
@@ -67,7 +68,7 @@ def calibrate(
         model, data=data, alpha=alpha, delta=delta, nonconformity=nonconformity.value, randomized=randomized,
         k_reg=k_reg, lambda_reg=lambda_reg, class_conditional=class_conditional, output=out, arch=arch,
         arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels), device=device,
-        batch_size=batch_size, seed=seed, reporter=rep,
+        batch_size=batch_size, seed=seed, reporter=rep, trust_arch=trust_arch,
     )
     q = cert["quantile"]
     shown = f"{len(q)} per-class thresholds" if isinstance(q, list) else f"q̂ = {q:.6g}"

@@ -21,6 +21,7 @@ def certify(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for CI) instead of a panel.")] = False,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
@@ -38,7 +39,8 @@ def certify(
 
     verdict = api.certify(model, cert=cert, data=data, significance=significance, arch=arch,
                           arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
-                          device=device, batch_size=batch_size, reporter=c.reporter(quiet))
+                          device=device, batch_size=batch_size, reporter=c.reporter(quiet),
+                          trust_arch=trust_arch)
     if rank() == 0:
         if as_json:
             import json

@@ -21,6 +21,7 @@ def predict(
                                                      "name per line, in class-index order.")] = None,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
     std: c.Std = None,
@@ -41,7 +42,7 @@ def predict(
     rep = c.reporter(quiet)
     run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch,
                           arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
-                          device=device, batch_size=batch_size, reporter=rep)
+                          device=device, batch_size=batch_size, reporter=rep, trust_arch=trust_arch)
     if rank() != 0:
         return
     if out is None:

@@ -107,6 +107,7 @@ def prune(
     max_samples: c.MaxSamples = None,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     input_shape: c.InputShape = None,
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
@@ -134,7 +135,7 @@ def prune(
         protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,
         arch_kwargs=c.arch_kwargs(arch_kwargs), input_shape=parse_shape(input_shape), options=options, device=device,
         batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=pre,
-        reporter=rep, granularity=granularity,
+        reporter=rep, granularity=granularity, trust_arch=trust_arch,
     )
     schedule = None
     if finetune_data is not None or steps > 1:

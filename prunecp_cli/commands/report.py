@@ -33,6 +33,7 @@ def report(
                                                  "guarantee, calibration coverage and set size).")] = None,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     input_shape: c.InputShape = None,
     device: c.Device = "auto",
     batch_size: c.BatchSize = 32,
@@ -48,7 +49,7 @@ def report(
 
     data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
                       input_shape=parse_shape(input_shape), device=device, batch_size=batch_size, repeats=repeats,
-                      latency=latency, cert=cert, reporter=c.reporter(quiet))
+                      latency=latency, cert=cert, reporter=c.reporter(quiet), trust_arch=trust_arch)
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:

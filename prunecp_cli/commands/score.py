@@ -32,6 +32,7 @@ def score(
     ignore: c.Ignore = None,
     arch: c.Arch = None,
     arch_kwargs: c.ArchKwargs = None,
+    trust_arch: c.TrustArch = False,
     input_shape: c.InputShape = None,
     image_size: c.ImageSize = None,
     mean: c.Mean = None,
@@ -56,7 +57,7 @@ def score(
         input_shape=parse_shape(input_shape), options=options, ignore=tuple(ignore or ()), device=device,
         batch_size=batch_size, seed=seed, max_samples=max_samples,
         preprocess=c.preprocess(image_size, mean, std, channels),
-        reporter=rep,
+        reporter=rep, trust_arch=trust_arch,
     )
     from prunecp_cli.dist import rank
 

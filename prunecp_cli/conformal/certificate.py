@@ -48,6 +48,8 @@ SCHEMA_VERSION = 1
 GUARANTEE_TYPES = ("marginal", "training-conditional")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FIX = "recalibrate with prunecp calibrate to write a fresh certificate"
+#: The largest count (calibration points, classes, parameters, FLOPs) a certificate may state.
+MAX_COUNT = 10**15
 
 
 def class_conditional_guarantee(per_class: Sequence[dict[str, Any]], *, alpha: float,
@@ -167,12 +169,18 @@ def load_certificate(path: str | Path) -> dict[str, Any]:
         raise CertificateError(f"certificate {path} does not exist or is not a file; run prunecp calibrate first")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CertificateError(f"certificate {path} cannot be read ({exc.strerror or type(exc).__name__}); check "
+                               "its permissions") from None
     except UnicodeDecodeError:
         raise CertificateError(f"{path} is not a text JSON file; pass the certificate.json from prunecp calibrate") from None
     except json.JSONDecodeError as exc:
         raise CertificateError(
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass the certificate.json from prunecp calibrate"
         ) from None
+    except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer too long to convert
+        raise CertificateError(f"{path} is not a JSON file prunecp can read ({type(exc).__name__}); pass the "
+                               "certificate.json from prunecp calibrate") from None
     return validate_certificate(obj, source=str(path))
 
 
@@ -191,16 +199,26 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
-def _int(obj, key, source, prefix, *, low: int = 0, nullable: bool = False) -> int | None:
+def _int(obj, key, source, prefix, *, low: int = 0, high: int = MAX_COUNT, nullable: bool = False) -> int | None:
     value = _get(obj, key, source, prefix)
     if value is None and nullable:
         return None
-    if not _is_int(value) or value < low:
-        raise _bad(source, prefix + key, f"must be an integer >= {low}, got {value!r}")
+    if not _is_int(value) or not low <= value <= high:
+        raise _bad(source, prefix + key, f"must be an integer in [{low}, {high:.0e}], got {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def _num(obj, key, source, prefix, *, low=None, high=None, open_=False, nullable=False) -> float | None:
@@ -214,7 +232,8 @@ def _num(obj, key, source, prefix, *, low=None, high=None, open_=False, nullable
         ok = value < high if open_ else value <= high
     if not ok:
         span = "" if low is None else f" in {'(' if open_ else '['}{low}, {high}{')' if open_ else ']'}"
-        raise _bad(source, prefix + key, f"must be a finite number{span}{' or null' if nullable else ''}, got {value!r}")
+        raise _bad(source, prefix + key, f"must be a finite number{span}{' or null' if nullable else ''}, "
+                   f"got {_short(value)}")
     return value
 
 
@@ -222,7 +241,7 @@ def _str(obj, key, source, prefix, *, pattern: re.Pattern | None = None) -> str:
     value = _get(obj, key, source, prefix)
     if not isinstance(value, str) or not value or (pattern is not None and not pattern.match(value)):
         what = "a sha256 hex digest (64 lowercase hex characters)" if pattern is _SHA256 else "a non-empty string"
-        raise _bad(source, prefix + key, f"must be {what}, got {value!r}")
+        raise _bad(source, prefix + key, f"must be {what}, got {_short(value)}")
     return value
 
 
@@ -240,7 +259,7 @@ def _per_class(value: Any, field: str, source: str, k: int, check) -> list[Any]:
         raise _bad(source, field, f"must be a list of {k} values (one per class) with class_conditional true")
     for c, item in enumerate(value):
         if not check(item):
-            raise _bad(source, f"{field}[{c}]", f"has the wrong type or range ({item!r})")
+            raise _bad(source, f"{field}[{c}]", f"has the wrong type or range ({_short(item)})")
     return value
 
 
@@ -288,9 +307,12 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     n = _int(data, "n", source, "data.", low=1)
     nc = _dict(obj, "nonconformity", source)
     name = _get(nc, "name", source, "nonconformity.")
-    if name not in NONCONFORMITY:
-        raise _bad(source, "nonconformity.name", f"is {name!r}, not one of {', '.join(NONCONFORMITY)}")
+    if not isinstance(name, str) or name not in NONCONFORMITY:
+        raise _bad(source, "nonconformity.name", f"is {_short(name)}, not one of {', '.join(NONCONFORMITY)}")
     params = _dict(nc, "parameters", source, "nonconformity.")
+    for key, value in params.items():
+        if not (value is None or isinstance(value, bool) or (_is_int(value) and abs(value) < 2**63) or _is_num(value)):
+            raise _bad(source, f"nonconformity.parameters.{_short(key)}", f"is {_short(value)}, not a plain number")
     from_parameters(name, params)  # CertificateError naming the parameters when they do not fit
     if "tuning" in nc:
         _dict(nc, "tuning", source, "nonconformity.", nullable=True)

@@ -288,9 +288,11 @@ def from_parameters(name: str, params: dict[str, Any]) -> Nonconformity:
         )
     try:
         return NONCONFORMITY[name](**dict(params))
-    except (TypeError, UsageError) as exc:
+    except (TypeError, ValueError, OverflowError, UsageError) as exc:
+        shown = repr(params) if len(repr(params)) <= 120 else repr(params)[:119] + "…"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CertificateError(
-            f"nonconformity {name!r} parameters {params!r} are invalid ({exc}); "
+            f"nonconformity {name!r} parameters {shown} are invalid ({reason}); "
             "recalibrate to write a fresh certificate"
         ) from exc
 

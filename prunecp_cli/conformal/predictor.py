@@ -45,6 +45,8 @@ class ConformalClassifier:
         certificate: A certificate dict, or the path of a ``certificate.json``.
         stream: Randomisation stream for randomised scores (default :data:`PREDICT_STREAM`).
         device: Where to run the model.
+        trust_arch: For a model file: build its architecture even from an untrusted module (see
+            ``load_model``).
 
     Raises:
         CertificateError: The certificate is invalid, or a model file is not the certified one.
@@ -56,7 +58,7 @@ class ConformalClassifier:
     """
 
     def __init__(self, model: nn.Module | str | Path, certificate: dict[str, Any] | str | Path, *,
-                 stream: int = PREDICT_STREAM, device: str | torch.device = "cpu") -> None:
+                 stream: int = PREDICT_STREAM, device: str | torch.device = "cpu", trust_arch: bool = False) -> None:
         if isinstance(certificate, (str, Path)):
             certificate = load_certificate(certificate)
         else:
@@ -65,7 +67,7 @@ class ConformalClassifier:
         if isinstance(model, (str, Path)):
             from prunecp_cli.io.checkpoint import open_model
 
-            loaded = open_model(model)
+            loaded = open_model(model, trust_arch=trust_arch)
             check_model_hash(loaded.sha256, certificate, path=Path(model))
             model = loaded.model
         self.model = model.eval()

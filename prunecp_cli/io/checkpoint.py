@@ -25,8 +25,16 @@ from torch import nn
 
 from prunecp_cli import __version__
 from prunecp_cli.errors import CheckpointError, UsageError
-from prunecp_cli.io.arch import build_model
+from prunecp_cli.io.arch import build_model, check_file_arch, is_spec
 from prunecp_cli.io.files import atomic_write_path, sha256_file
+from prunecp_cli.io.metadata import (
+    check_arch_kwargs,
+    check_extra,
+    check_input_shape,
+    check_plan_field,
+    field_error,
+    parse_field,
+)
 
 SCHEMA_VERSION = 1
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -67,32 +75,41 @@ class ModelMeta:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, path: Path) -> ModelMeta:
-        """Parse safetensors metadata written by :meth:`to_metadata`.
+        """Parse and check safetensors metadata written by :meth:`to_metadata`.
+
+        Every field is checked for type, range and size (see :mod:`prunecp_cli.io.metadata`);
+        nothing is imported or called, so this is safe on any file.
 
         Raises:
-            CheckpointError: a field is missing, not JSON, or of a newer schema.
+            CheckpointError: a field is missing, not JSON, of the wrong type or range, or of a newer schema.
         """
         version = meta.get("prunecp.schema_version")
-        if version is None or not version.isdigit() or int(version) > SCHEMA_VERSION:
+        if version is None:
+            raise CheckpointError(f"{path}: prunecp metadata lacks 'schema_version'; the file is damaged")
+        if not isinstance(version, str) or re.fullmatch(r"[0-9]{1,6}", version) is None or int(version) < 1:
+            raise CheckpointError(f"{path}: prunecp model schema {str(version)[:20]!r} is not a schema number; "
+                                  "the file is damaged or was not written by prunecp")
+        if int(version) > SCHEMA_VERSION:
             raise CheckpointError(
                 f"{path}: prunecp model schema {version!r} is not supported by prunecp {__version__} "
                 f"(supports up to {SCHEMA_VERSION}); upgrade prunecp"
             )
-        try:
-            fields = {
-                key[len("prunecp.") :]: value
-                for key, value in meta.items()
-                if key.startswith("prunecp.") and key not in ("prunecp.schema_version", "prunecp.version")
-            }
-            arch = fields.pop("arch")
-            arch_kwargs = json.loads(fields.pop("arch_kwargs"))
-            input_shape = json.loads(fields.pop("input_shape"))
-            plan = json.loads(fields.pop("plan"))
-            extra = {key: json.loads(value) for key, value in fields.items()}
-        except KeyError as exc:
-            raise CheckpointError(f"{path}: prunecp metadata lacks {exc.args[0]!r}; the file is damaged") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: prunecp metadata is not valid JSON ({exc.msg})") from None
+        fields = {
+            key[len("prunecp.") :]: value
+            for key, value in meta.items()
+            if isinstance(key, str) and key.startswith("prunecp.")
+            and key not in ("prunecp.schema_version", "prunecp.version")
+        }
+        for key in ("arch", "arch_kwargs", "input_shape", "plan"):
+            if key not in fields:
+                raise CheckpointError(f"{path}: prunecp metadata lacks {key!r}; the file is damaged")
+        arch = fields.pop("arch")
+        if not is_spec(arch):
+            raise field_error(path, "arch", f"is {str(arch)[:80]!r}, not a module:factory spec")
+        arch_kwargs = check_arch_kwargs(path, parse_field(path, "arch_kwargs", fields.pop("arch_kwargs")))
+        input_shape = check_input_shape(path, parse_field(path, "input_shape", fields.pop("input_shape")))
+        plan = check_plan_field(path, parse_field(path, "plan", fields.pop("plan")))
+        extra = check_extra(path, {key: parse_field(path, key, value) for key, value in fields.items()})
         return cls(arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, plan=plan, extra=extra)
 
 
@@ -224,18 +241,31 @@ def load_model(
     path: str | Path,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
+    *,
+    trust_arch: bool = False,
 ) -> nn.Module:
     """Load a model for inference: a prunecp file rebuilds itself; a dense checkpoint needs ``arch``.
 
+    A prunecp file names the architecture to build. One from ``torchvision:`` or
+    ``prunecp_cli.models:`` is built as is; any other ``module:factory`` is imported only when
+    ``arch`` is that same spec or ``trust_arch`` is true, because importing it runs its code.
+
     Args:
         path: a prunecp ``.safetensors`` file, or a dense checkpoint.
-        arch: ``--arch`` spec, required for dense checkpoints.
+        arch: ``--arch`` spec, required for dense checkpoints; for a prunecp file it must equal the
+            recorded one (and then allows it).
         arch_kwargs: keyword arguments for the architecture factory.
+        trust_arch: build whatever architecture a prunecp file names (only for files you trust).
 
     Returns:
         The model in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: unreadable or malformed file, an architecture from an untrusted module, or
+            weights that do not fit the architecture.
+        UsageError: a dense checkpoint without ``arch``, or an ``arch`` that differs from the file's.
     """
-    return open_model(path, arch=arch, arch_kwargs=arch_kwargs).model
+    return open_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_arch=trust_arch).model
 
 
 def open_model(
@@ -244,29 +274,37 @@ def open_model(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     input_shape: list[int] | None = None,
+    trust_arch: bool = False,
 ) -> LoadedModel:
     """Load a model with its metadata; see :func:`load_model`.
 
+    For a prunecp file the metadata is checked field by field, then the architecture's trust
+    (:func:`~prunecp_cli.io.arch.check_file_arch`); only then is anything the file names imported.
+
     Args:
         path: the model file.
-        arch: ``--arch`` spec (dense checkpoints only; ignored with a check for prunecp files).
+        arch: ``--arch`` spec (dense checkpoints; for prunecp files it must match, and allows the file's
+            architecture).
         arch_kwargs: factory keyword arguments.
         input_shape: example input shape for a dense checkpoint (usually from the data).
+        trust_arch: build the architecture a prunecp file names even from an untrusted module.
 
     Raises:
-        CheckpointError: unreadable file, or weights that do not fit the architecture.
-        UsageError: a dense checkpoint without ``arch``.
+        CheckpointError: unreadable or malformed file, an untrusted architecture, or weights that do
+            not fit the architecture.
+        UsageError: a dense checkpoint without ``arch``, or an ``arch`` that differs from the file's.
     """
     path = Path(path)
     state, metadata = read_state_dict(path)
     digest = sha256_file(path)
-    if "prunecp.arch" in metadata:
+    if any(isinstance(key, str) and key.startswith("prunecp.") for key in metadata):
         meta = ModelMeta.from_metadata(metadata, path=path)
         if arch is not None and arch != meta.arch:
             raise UsageError(
                 f"{path} is a prunecp model of {meta.arch}, but --arch {arch} was given; drop --arch"
             )
-        model = build_model(meta.arch, meta.arch_kwargs)
+        check_file_arch(meta.arch, path=path, arch=arch, trust_arch=trust_arch)
+        model = build_model(meta.arch, meta.arch_kwargs, origin=path)
         if meta.plan:
             from prunecp_cli.surgery.plan import replay_plan
 

@@ -240,6 +240,7 @@ def calibrate(
     batch_size: int = 256,
     seed: int = 0,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> dict[str, Any]:
     """Calibrate ``model`` on the calibration split and return (and optionally write) its certificate.
 
@@ -262,6 +263,7 @@ def calibrate(
         batch_size: Examples per forward pass.
         seed: Seed of randomised scores and of the ``k_reg`` hold-out.
         reporter: Progress and messages.
+        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Returns:
         The certificate dict (design.md §4).
@@ -277,7 +279,7 @@ def calibrate(
         raise UsageError(f"tune_fraction={tune_fraction} must lie in (0, 1)")
     score = make_nonconformity(nonconformity, randomized=randomized, k_reg=k_reg, lambda_reg=lambda_reg, seed=seed)
     session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device, need_labels=True)
+                           device=device, need_labels=True, trust_arch=trust_arch)
     dataset = session.data
     check_unused(dataset.sha256, session.used_data(), file=dataset.path.name)
     logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,

@@ -162,6 +162,7 @@ def certify(
     device: str = "auto",
     batch_size: int = 256,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> dict[str, Any]:
     """Audit ``cert`` for ``model`` on the held-out test split ``data``.
 
@@ -176,6 +177,7 @@ def certify(
         device: Compute device.
         batch_size: Examples per forward pass.
         reporter: Progress and messages.
+        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Returns:
         The verdict (see :func:`verdict_from_logits`) with ``model``, ``data`` and ``certificate``
@@ -191,7 +193,7 @@ def certify(
     decimal_fraction(significance, name="significance")
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
     session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device, need_labels=True)
+                           device=device, need_labels=True, trust_arch=trust_arch)
     dataset, loaded = session.data, session.loaded
     if dataset.sha256 == certificate["data"]["sha256"]:
         raise CalibrationError(

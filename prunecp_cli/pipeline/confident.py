@@ -181,6 +181,7 @@ def prune_confident(
     max_samples: int | None = None,
     preprocess: Preprocess | None = None,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> PruneResult:
     """Prune to the largest grid level whose risk Learn-then-Test certifies, and save it.
 
@@ -219,6 +220,7 @@ def prune_confident(
         max_samples: cap on examples used for scoring.
         preprocess: image preprocessing for folder data.
         reporter: progress and messages.
+        trust_arch: build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Raises:
         UsageError: a missing, contradictory or out-of-range option.
@@ -246,7 +248,7 @@ def prune_confident(
                     policy=make_policy(scope, max_layer_ratio, round_to, protect), ignore=ignore, arch=arch,
                     arch_kwargs=arch_kwargs, input_shape=input_shape, options=options, device=device,
                     batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=preprocess,
-                    reporter=reporter, rank_channels=granularity == "channel")
+                    reporter=reporter, rank_channels=granularity == "channel", trust_arch=trust_arch)
     session = setup.session
     test = risk_test(risk, num_classes=session.num_classes, max_risk=max_risk, max_set_size=max_set_size,
                      delta=delta, pvalue_method=pvalue_method)

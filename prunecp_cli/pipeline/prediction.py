@@ -116,8 +116,11 @@ def open_prediction(
     device: str = "auto",
     batch_size: int = 256,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> Prediction:
     """Load and check everything ``predict`` needs, before any record is produced.
+
+    Arguments as for :func:`predict`.
 
     Raises:
         CertificateError: The certificate is invalid or was made for another model file.
@@ -125,7 +128,7 @@ def open_prediction(
     """
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
     session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device)
+                           device=device, trust_arch=trust_arch)
     check_model_hash(session.loaded.sha256, certificate, path=session.loaded.path)
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names, session.num_classes)
@@ -148,6 +151,7 @@ def predict(
     device: str = "auto",
     batch_size: int = 256,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> list[dict[str, Any]]:
     """Prediction sets of every input of ``data``; written as JSON Lines to ``out`` when given.
 
@@ -163,13 +167,15 @@ def predict(
         device: Compute device.
         batch_size: Examples per forward pass.
         reporter: Progress.
+        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Returns:
         The records (see the module docstring). For data too large to hold, iterate
         ``open_prediction(...).records()`` instead.
     """
     run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch, arch_kwargs=arch_kwargs,
-                          preprocess=preprocess, device=device, batch_size=batch_size, reporter=reporter)
+                          preprocess=preprocess, device=device, batch_size=batch_size, reporter=reporter,
+                          trust_arch=trust_arch)
     records = list(run.records())
     if out is not None:
         with atomic_write_path(out) as tmp, open(tmp, "w", encoding="utf-8") as handle:

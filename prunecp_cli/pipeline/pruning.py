@@ -136,6 +136,7 @@ def prepare(
     preprocess: Preprocess | None = None,
     reporter: Reporter = SILENT,
     rank_channels: bool = True,
+    trust_arch: bool = False,
 ) -> PruneSetup:
     """Open the model and the score data, trace its groups and rank their channels once.
 
@@ -151,7 +152,7 @@ def prepare(
     if input_shape is None and table is not None and table.input_shape:
         input_shape = table.input_shape  # the shape the scores were traced with
     session = open_session(checkpoint, data=data, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
-                           preprocess=preprocess, device=device)
+                           preprocess=preprocess, device=device, trust_arch=trust_arch)
     model, example = session.model, session.example
     used = session.used_data()
     params_before, flops_before = count_params(model), count_flops(model, example)
@@ -260,6 +261,7 @@ def prune(
     reporter: Reporter = SILENT,
     granularity: str = "channel",
     schedule: Schedule | None = None,
+    trust_arch: bool = False,
 ) -> PruneResult:
     """Prune a model to a ratio or a FLOPs target and write it as ``.safetensors``.
 
@@ -292,6 +294,7 @@ def prune(
             weights globally, unstructured; shapes and FLOPs unchanged, no speed-up).
         schedule: iterative steps and fine-tuning (default: one shot, no fine-tuning); see
             :mod:`prunecp_cli.pipeline.schedule`.
+        trust_arch: build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Raises:
         UsageError: contradictory options.
@@ -313,13 +316,14 @@ def prune(
         if ratio is None:
             raise UsageError("--granularity weight needs --ratio, the fraction of weights to zero")
         setup = prepare(checkpoint, data=data, policy=policy, arch=arch, arch_kwargs=arch_kwargs,
-                        input_shape=input_shape, device=device, preprocess=preprocess, rank_channels=False)
+                        input_shape=input_shape, device=device, preprocess=preprocess, rank_channels=False,
+                        trust_arch=trust_arch)
         return prune_weights(setup, output, ratio, ignore=ignore, bn_recalibrate=bn_recalibrate,
                              batch_size=batch_size, reporter=reporter)
     setup = prepare(checkpoint, scores=scores, method=method, data=data, policy=policy, ignore=ignore, arch=arch,
                     arch_kwargs=arch_kwargs, input_shape=input_shape, options=options, device=device,
                     batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=preprocess,
-                    reporter=reporter)
+                    reporter=reporter, trust_arch=trust_arch)
     session = setup.session
     used = list(setup.used)
     if bn_recalibrate is None:

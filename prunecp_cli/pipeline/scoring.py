@@ -103,6 +103,7 @@ def score(
     max_samples: int | None = None,
     preprocess: Preprocess | None = None,
     reporter: Reporter = SILENT,
+    trust_arch: bool = False,
 ) -> ImportanceTable:
     """Score every channel of every prunable group of a model.
 
@@ -121,6 +122,7 @@ def score(
         max_samples: use at most this many examples of the data.
         preprocess: image preprocessing for folder data.
         reporter: progress and messages.
+        trust_arch: build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
 
     Returns:
         The importance table (what ``importance.json`` holds).
@@ -128,7 +130,8 @@ def score(
     info = registry.info(method)
     options = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
     session = open_session(checkpoint, data=data if info.needs_data or data else None, arch=arch,
-                           arch_kwargs=arch_kwargs, input_shape=input_shape, preprocess=preprocess, device=device)
+                           arch_kwargs=arch_kwargs, input_shape=input_shape, preprocess=preprocess, device=device,
+                           trust_arch=trust_arch)
     graph = ModelGraph(session.model, session.example, ignore=ignore)
     scores, extras = compute_importance(session, graph, method=method, options=options, batch_size=batch_size,
                                         seed=seed, max_samples=max_samples, reporter=reporter)
@@ -158,12 +161,19 @@ def read_importance(path: str | Path) -> ImportanceTable:
         ScoresError: missing, not JSON, or malformed.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ScoresError(f"scores file {path} does not exist or is not a file; run prunecp score first")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScoresError(f"scores file {path} does not exist; run prunecp score first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ScoresError(f"{path} is not valid JSON ({exc}); pass a file written by prunecp score") from None
+    except OSError as exc:
+        raise ScoresError(f"scores file {path} cannot be read ({exc.strerror or type(exc).__name__}); check its "
+                          "permissions") from None
+    except json.JSONDecodeError as exc:
+        raise ScoresError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a file written by "
+                          "prunecp score") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # not text, or nested/sized beyond parsing
+        raise ScoresError(f"{path} is not a JSON file prunecp can read ({type(exc).__name__}); pass a file "
+                          "written by prunecp score") from None
     return ImportanceTable.from_json(obj, path=path)
 
 

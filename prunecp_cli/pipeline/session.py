@@ -78,8 +78,13 @@ def open_session(
     preprocess: Preprocess | None = None,
     device: str = "auto",
     need_labels: bool = False,
+    trust_arch: bool = False,
 ) -> Session:
     """Load the model and data and check that they fit.
+
+    ``trust_arch`` lets a prunecp file's architecture come from any module (see
+    :func:`prunecp_cli.io.checkpoint.open_model`); without it only trusted sources or a matching
+    ``arch`` are built.
 
     Raises:
         UsageError: no way to know the input shape, or a bad device.
@@ -89,7 +94,7 @@ def open_session(
     target = resolve_device(device)
     dist.setup(target)
     loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
-                        input_shape=input_shape if data is None else None)
+                        input_shape=input_shape if data is None else None, trust_arch=trust_arch)
     channels = _input_channels(loaded)
     dataset = (data if isinstance(data, Dataset) or data is None
                else open_dataset(data, preprocess=preprocess, default_channels=channels))

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecp_cli.errors import PlanError
+from prunecp_cli.errors import PlanError, PrunecpError
 from prunecp_cli.surgery.gates import ChannelGates
-from prunecp_cli.surgery.groups import ModelGraph, replay_history
+from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph, replay_history
 from prunecp_cli.surgery.select import Removal
 
 PLAN_VERSION = 1
@@ -124,16 +124,125 @@ def _find_culprits(pristine: nn.Module, graph: ModelGraph, removal: Removal) -> 
     return culprits
 
 
+#: Most channel indices a plan may list in all (a plan holds one index per removed channel).
+MAX_PLAN_INDICES = 10_000_000
+
+
+def _index_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
+def plan_problem(plan: Any) -> str | None:
+    """What is wrong with the structure of a stored plan, or None when it is well formed.
+
+    Only the form is checked (types, non-negative unique indices, sizes), not the fit to a model:
+    :func:`replay_plan` checks that. An empty object is the plan of an unpruned model.
+    """
+    if not isinstance(plan, dict):
+        return f"must be a JSON object, got {type(plan).__name__}"
+    if not plan:
+        return None
+    version = plan.get("version")
+    if version != PLAN_VERSION:
+        return f"has version {str(version)[:20]!r}, but this prunecp replays only version {PLAN_VERSION}"
+    history = plan.get("history")
+    if not isinstance(history, list):
+        return "lacks its history list"
+    total = 0
+    for i, step in enumerate(history):
+        if (not isinstance(step, list) or len(step) != 3 or not isinstance(step[0], str) or not step[0]
+                or not isinstance(step[1], bool) or not _index_list(step[2]) or not step[2]):
+            return f"history entry {i} is not [module name, is_out_channels, [channel indices >= 0]]"
+        if len(set(step[2])) != len(step[2]):
+            return f"history entry {i} ({step[0][:80]!r}) repeats a channel index"
+        total += len(step[2])
+        if total > MAX_PLAN_INDICES:
+            return f"lists more than {MAX_PLAN_INDICES:,} channel indices"
+    groups = [plan["groups"]] if "groups" in plan else []
+    steps = plan.get("steps", [])
+    if not isinstance(steps, list):
+        return "has steps that are not a list"
+    for record in groups + steps:
+        if not isinstance(record, dict):
+            return "has a groups record that is not a JSON object"
+        for name, group in record.items():
+            if not (isinstance(group, dict) and isinstance(group.get("channels"), int)
+                    and not isinstance(group.get("channels"), bool) and _index_list(group.get("removed"))
+                    and all(i < group["channels"] for i in group["removed"])):
+                return f"group {name[:80]!r} is not {{channels, removed: [indices below channels]}}"
+            total += len(group["removed"])
+            if total > MAX_PLAN_INDICES:
+                return f"lists more than {MAX_PLAN_INDICES:,} channel indices"
+    return None
+
+
+def _width(module: nn.Module, out: bool) -> int | None:
+    """The number of output (``out``) or input channels of a layer, when it has such a notion."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    if isinstance(module, CONV_TYPES):
+        return module.out_channels if out else module.in_channels
+    if isinstance(module, NORM_TYPES[:3]):
+        return module.num_features
+    return None
+
+
+def _fit_problem(model: nn.Module, history: list) -> str | None:
+    """Why ``history`` cannot apply to the fresh ``model`` (checked before touching it), or None.
+
+    Every entry must name a convolution, linear or BatchNorm layer of the model (prunecp's plans name
+    the root convolution of each pruned group), and its indices must lie below that layer's width;
+    the channels removed from a layer in all entries cannot exceed its width either (later entries
+    index the already pruned layer, so this is necessary, not sufficient: the replay and the weight
+    shapes check the rest).
+    """
+    modules = dict(model.named_modules())
+    removed: dict[tuple[str, bool], int] = {}
+    for i, (name, out, idxs) in enumerate(history):
+        module = modules.get(name)
+        if module is None or name == "":
+            return f"history entry {i} names {name[:80]!r}, which is not a layer of the architecture"
+        width = _width(module, out)
+        if width is None:
+            return f"history entry {i} names {name[:80]!r}, a {type(module).__name__} without channels to remove"
+        if max(idxs) >= width:
+            return (f"history entry {i} removes channel {max(idxs)} of {name}, which has "
+                    f"{width} {'output' if out else 'input'} channels")
+        removed[(name, out)] = removed.get((name, out), 0) + len(idxs)
+        if removed[(name, out)] >= width:
+            return f"the plan removes {removed[(name, out)]} channels of {name}, which has only {width}"
+    return None
+
+
 def replay_plan(model: nn.Module, plan: dict[str, Any], *, input_shape: list[int]) -> None:
     """Re-apply a stored plan to a freshly built model of the original architecture, in place.
 
+    The plan's form and its fit to ``model`` (layer names, index ranges) are checked before the
+    model is touched.
+
     Raises:
-        PlanError: unknown plan version or a plan that does not fit the model.
+        PlanError: unknown plan version, a malformed plan, or a plan that does not fit the model.
     """
-    version = plan.get("version")
-    if version != PLAN_VERSION:
-        raise PlanError(f"pruning plan version {version!r} is not supported (expected {PLAN_VERSION}); upgrade prunecp")
+    problem = plan_problem(plan)
+    if problem is not None:
+        raise PlanError(f"the stored pruning plan {problem}; the file is damaged or was not written by prunecp")
+    if not plan:
+        return
     if not input_shape:
         raise PlanError("the model file records no input shape, so its plan cannot be replayed; re-run prune")
+    history = plan["history"]
+    problem = _fit_problem(model, history)
+    if problem is not None:
+        raise PlanError(f"the stored pruning plan does not fit the architecture: {problem}; the file was written "
+                        "for another architecture or --arch-kwargs, or is damaged")
     example = torch.zeros((1, *input_shape))
-    replay_history(model, plan.get("history", []), example)
+    try:
+        replay_history(model, history, example)
+    except PrunecpError:
+        raise
+    except Exception as exc:  # Torch-Pruning fails in many ways on a history that does not fit
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no message"
+        raise PlanError(
+            f"the stored pruning plan does not fit the architecture ({type(exc).__name__}: {first}); the file "
+            "was written for another architecture or --arch-kwargs"
+        ) from None
