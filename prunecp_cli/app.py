@@ -6,9 +6,11 @@ Importing this module must not import torch (``prunecp --help`` stays fast; a te
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from prunecp_cli import __version__
 from prunecp_cli.commands.calibrate import calibrate
@@ -19,8 +21,40 @@ from prunecp_cli.commands.prune import prune
 from prunecp_cli.commands.report import report
 from prunecp_cli.commands.score import score
 
+
+class _PlainErrors(TyperGroup):
+    """The root group: argument errors are one plain line on stderr, like every other prunecp error.
+
+    Typer draws parser errors (unknown option, a value that is not a number, ...) as a rich box of
+    several lines, with ANSI colours forced under GitHub Actions even when stderr is a log file.
+    prunecp prints ``prunecp: error: MESSAGE; see 'prunecp CMD --help'`` instead and exits 2.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Run the app; with ``standalone_mode`` exit with its code, printing parser errors on one line."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from typer import Abort
+        from typer._click.exceptions import ClickException
+
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                ctx = getattr(exc, "ctx", None)
+                where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+                message = " ".join(exc.format_message().split()).rstrip(".")
+                print(f"prunecp: error: {message}{where}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except Abort:
+            print("prunecp: error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="prunecp",
+    cls=_PlainErrors,
     help="Prune trained CNNs structurally and certify the pruned model with conformal prediction.\n\n"
     "Pipeline: score → prune → calibrate → certify → report. Exit codes: 0 success, 1 internal error (a bug), "
     "2 usage error, 3 bad input, 4 certificate does not hold.",

@@ -60,3 +60,27 @@ class CertificationFailed(PrunecpError):
     """``certify`` found that a certificate does not hold for the model and data."""
 
     exit_code = 4
+
+
+def brief(exc: BaseException, *, limit: int = 240) -> str:
+    """The first line of a library exception's message, shortened between sentences, never inside one.
+
+    Whole sentences are kept while they fit in ``limit`` characters; a first sentence longer than that
+    is kept whole up to 1,000 characters and only then cut at a word with "…". An empty message gives
+    the exception's class name.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if len(text) <= limit:
+        return text
+    sentences = [s for s in text.replace(". ", ".\0").split("\0") if s]
+    kept = sentences[0]
+    for sentence in sentences[1:]:
+        if len(kept) + 1 + len(sentence) > limit:
+            break
+        kept += " " + sentence
+    if len(kept) > 1000:
+        kept = kept[:1000].rsplit(" ", 1)[0] + "…"
+    return kept

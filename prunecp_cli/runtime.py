@@ -1,8 +1,10 @@
 """Run-time plumbing shared by every command: device choice, seeding, progress bars, messages.
 
-Progress bars and informational messages go to stderr, so stdout stays clean for the
-machine-readable outputs (``--json``, ``predict``'s JSON Lines). Both are silent when stderr is
-not a terminal, when ``--quiet`` is given, or on any distributed rank but 0.
+Result lines (what was written, FLOPs kept, q̂, ...) go to stdout whether or not it is a terminal,
+so a CI log or ``| tee`` keeps them; a command whose stdout carries machine-readable output
+(``--json``, ``predict``'s JSON Lines, a report on stdout) sends them to stderr instead. Progress
+bars and spinners go to stderr and only appear when stderr is a terminal. ``--quiet`` silences
+both; any distributed rank but 0 prints neither. Warnings always go to stderr (rank 0).
 """
 
 from __future__ import annotations
@@ -68,24 +70,37 @@ def is_main_process() -> bool:
 
 @dataclass
 class Reporter:
-    """Progress bars and short status lines on stderr, silenced by ``quiet``.
+    """Result lines, warnings, progress bars and spinners of one run.
 
     Attributes:
-        quiet: print nothing (``--quiet``, non-terminal stderr, or a non-zero rank).
+        quiet: print no result lines and no progress (``--quiet``, or a non-zero rank).
+        verbose: print method diagnostics (``--verbose``) to stderr.
+        progress: show progress bars and spinners; None means "when stderr is a terminal".
+        results_to_stderr: send result lines to stderr (stdout carries machine-readable output).
     """
 
     quiet: bool = False
     verbose: bool = False
+    progress: bool | None = None
+    results_to_stderr: bool = False
 
     @classmethod
-    def for_cli(cls, quiet: bool, *, verbose: bool = False) -> Reporter:
-        """A reporter that is quiet when asked, when stdout or stderr is not a terminal, or off rank 0.
+    def for_cli(cls, quiet: bool, *, verbose: bool = False, results_to_stderr: bool = False) -> Reporter:
+        """The reporter of a command: results on stdout (or stderr), progress bars on a terminal only.
 
-        ``verbose`` details (``--verbose``) are printed on rank 0 whenever asked, terminal or not.
+        Everything but warnings is silent with ``quiet`` and off rank 0; ``verbose`` details are
+        printed on rank 0 whenever asked, terminal or not.
         """
-        on_terminal = sys.stdout.isatty() and sys.stderr.isatty()
-        return cls(quiet=quiet or not on_terminal or not is_main_process(),
-                   verbose=verbose and is_main_process())
+        main = is_main_process()
+        return cls(quiet=quiet or not main, verbose=verbose and main, progress=None,
+                   results_to_stderr=results_to_stderr)
+
+    @property
+    def shows_progress(self) -> bool:
+        """Whether progress bars and spinners are drawn."""
+        if self.quiet:
+            return False
+        return sys.stderr.isatty() if self.progress is None else self.progress
 
     def detail(self, message: str) -> None:
         """Print a diagnostic line to stderr when ``--verbose`` was given."""
@@ -93,11 +108,9 @@ class Reporter:
             print(message, file=sys.stderr, flush=True)
 
     def info(self, message: str) -> None:
-        """Print a status line (suppressed when quiet)."""
+        """Print a result line (plain text, no markup) unless quiet."""
         if not self.quiet:
-            from rich.console import Console
-
-            Console(stderr=True, highlight=False).print(message)
+            print(message, file=sys.stderr if self.results_to_stderr else sys.stdout, flush=True)
 
     def warn(self, message: str) -> None:
         """Print a warning to stderr on rank 0, even when quiet.
@@ -106,11 +119,11 @@ class Reporter:
         warnings): results carry their own ``warnings`` lists.
         """
         if is_main_process():
-            print(f"prunecp: warning: {message}", file=sys.stderr)
+            print(f"prunecp: warning: {message}", file=sys.stderr, flush=True)
 
     def track(self, iterable: Iterable, *, total: int | None = None, description: str = "") -> Iterator:
-        """Iterate with a rich progress bar (with ETA) unless quiet."""
-        if self.quiet:
+        """Iterate with a rich progress bar (with ETA) when progress is shown."""
+        if not self.shows_progress:
             yield from iterable
             return
         from rich.progress import (
@@ -139,8 +152,8 @@ class Reporter:
 
     @contextlib.contextmanager
     def status(self, message: str) -> Iterator[None]:
-        """A spinner for work with no natural count (unless quiet)."""
-        if self.quiet:
+        """A spinner for work with no natural count, when progress is shown."""
+        if not self.shows_progress:
             yield
             return
         from rich.console import Console

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from prunecp_cli.errors import PrunecpError
+from prunecp_cli import checks
+from prunecp_cli.errors import PrunecpError, brief
 
 Arch = Annotated[
     str | None,
@@ -50,7 +51,8 @@ Device = Annotated[
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.", rich_help_panel="Run")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice (reproducible runs).",
                                    rich_help_panel="Run")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.", rich_help_panel="Run")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no result lines (errors and "
+                                     "warnings still go to stderr).", rich_help_panel="Run")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel="Run")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print method diagnostics (e.g. search progress) "
                                        "to stderr.", rich_help_panel="Run")]
@@ -68,6 +70,7 @@ Std = Annotated[
     typer.Option("--std", help="Per-channel standard deviation to divide by, e.g. 0.229,0.224,0.225.",
                  rich_help_panel="Data"),
 ]
+
 
 class ChannelCount(str, Enum):
     """Values of ``--channels``."""
@@ -106,7 +109,7 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def cli_command(func):
-    """Run a command body, mapping errors to exit codes (design.md §2).
+    """Run a command body, mapping errors to exit codes (0 ok, 1 bug, 2 usage, 3 bad input, 4 not certified).
 
     :class:`PrunecpError` subclasses give their own exit code and a one-line message; anything
     else is a bug (exit 1) with a hint to rerun with ``--debug``. With ``--debug`` tracebacks
@@ -133,7 +136,7 @@ def cli_command(func):
                 import traceback
 
                 traceback.print_exc()
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            first = brief(exc) if str(exc).strip() else ""
             raise fail(
                 f"internal error ({type(exc).__name__}: {first}); this is a bug in prunecp, "
                 "please report it with the output of --debug",
@@ -146,26 +149,36 @@ def cli_command(func):
 def preprocess(
     image_size: int | None, mean: str | None, std: str | None, channels: ChannelCount | int | None = None
 ):
-    """Build the data preprocessing from the Data options (imports the data module lazily)."""
-    from prunecp_cli.io.data import Preprocess, parse_floats
+    """Build the data preprocessing from the Data options (no torch import: it runs before any loading)."""
+    from prunecp_cli.checks import parse_floats
+    from prunecp_cli.types import Preprocess
 
     return Preprocess(image_size=image_size, mean=parse_floats(mean, option="--mean"),
                       std=parse_floats(std, option="--std"),
                       channels=None if channels is None else int(getattr(channels, "value", channels)))
 
 
-def reporter(quiet: bool, verbose: bool = False):
-    """The progress reporter for a CLI run."""
+def reporter(quiet: bool, verbose: bool = False, *, results_to_stderr: bool = False):
+    """The reporter of a CLI run: result lines on stdout (stderr when stdout carries machine output)."""
     from prunecp_cli.runtime import Reporter
 
-    return Reporter.for_cli(quiet, verbose=verbose)
+    return Reporter.for_cli(quiet, verbose=verbose, results_to_stderr=results_to_stderr)
 
 
-def arch_kwargs(text: str | None):
-    """Parse --arch-kwargs."""
-    from prunecp_cli.io.arch import parse_arch_kwargs
+def arch_kwargs(text: str | None) -> dict:
+    """Parse --arch-kwargs (no torch import: it runs before any model is loaded)."""
+    return checks.parse_json_object(text, option="--arch-kwargs")
 
-    return parse_arch_kwargs(text)
+
+def check_output(out, suffixes: tuple[str, ...], *inputs: tuple[str, object]) -> None:
+    """Refuse an ``-o`` that is an input or has the wrong extension (see :func:`checks.check_output`)."""
+    checks.check_output(out, suffixes=suffixes, inputs=inputs)
+
+
+def check_unit(**values: float | None) -> None:
+    """Check options that must lie in (0, 1), given as ``name=value`` (``max_risk`` → ``--max-risk``)."""
+    for name, value in values.items():
+        checks.open_unit(value, "--" + name.replace("_", "-"))
 
 
 def console():

@@ -32,14 +32,18 @@ def certify(
     debug: c.Debug = False,
 ) -> None:
     """Check the model hash and test the certificate's coverage on held-out data (exit 0 holds, 4 does not)."""
+    c.check_unit(significance=significance)
+    kwargs = c.arch_kwargs(arch_kwargs)
+    pre = c.preprocess(image_size, mean, std, channels)
     from prunecp_cli import api
     from prunecp_cli.dist import rank
     from prunecp_cli.errors import CertificationFailed
     from prunecp_cli.pipeline.certification import failure_message
 
     verdict = api.certify(model, cert=cert, data=data, significance=significance, arch=arch,
-                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
-                          device=device, batch_size=batch_size, reporter=c.reporter(quiet),
+                          arch_kwargs=kwargs,
+                          preprocess=pre,
+                          device=device, batch_size=batch_size, reporter=c.reporter(quiet, results_to_stderr=as_json),
                           trust_arch=trust_arch)
     if rank() == 0:
         if as_json:
@@ -54,6 +58,7 @@ def certify(
 
 def render_verdict(verdict: dict, console) -> None:
     """Print the verdict as a rich panel."""
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -62,7 +67,7 @@ def render_verdict(verdict: dict, console) -> None:
     table.add_column()
     for check in verdict["checks"]:
         mark = "[green]✓ pass[/green]" if check["passed"] else "[red]✗ FAIL[/red]"
-        table.add_row(f"{mark} {check['name']}", check["detail"])
+        table.add_row(f"{mark} {escape(check['name'])}", escape(check["detail"]))
     if verdict.get("coverage") is not None:
         table.add_row("", "")
         table.add_row("test coverage", f"{verdict['coverage']:.4f} ({verdict['covered']}/{verdict['n']}); "
@@ -73,5 +78,7 @@ def render_verdict(verdict: dict, console) -> None:
                       f"{verdict['test']})")
         per_class = verdict.get("per_class_coverage") or []
         table.add_row("per-class coverage", " ".join("-" if v is None else f"{v:.2f}" for v in per_class))
+    for message in verdict.get("warnings", []):
+        table.add_row("[yellow]! warning[/yellow]", escape(message))
     title = "certificate holds" if verdict["passed"] else "certificate does NOT hold"
     console.print(Panel(table, title=f"[bold]{title}[/bold]", border_style="green" if verdict["passed"] else "red"))

@@ -35,13 +35,18 @@ def predict(
     import json
     import sys
 
+    c.check_output(out, c.checks.JSONL_SUFFIXES, ("MODEL", model), ("--cert", cert), ("--data", data),
+                   ("--class-names", class_names))
+    kwargs = c.arch_kwargs(arch_kwargs)
+    pre = c.preprocess(image_size, mean, std, channels)
     from prunecp_cli.dist import rank
     from prunecp_cli.io.files import atomic_write_path
     from prunecp_cli.pipeline.prediction import open_prediction
 
-    rep = c.reporter(quiet)
+    rep = c.reporter(quiet, results_to_stderr=out is None)
     run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch,
-                          arch_kwargs=c.arch_kwargs(arch_kwargs), preprocess=c.preprocess(image_size, mean, std, channels),
+                          arch_kwargs=kwargs,
+                          preprocess=pre,
                           device=device, batch_size=batch_size, reporter=rep, trust_arch=trust_arch)
     if rank() != 0:
         return

@@ -125,16 +125,21 @@ def prune(
     With --risk-data, prune as far as Learn-then-Test certifies: P(risk <= --max-risk) >= 1 - --delta.
     """
     options = registry.parse_options(method, opt) if method else None
+    c.check_output(out, c.checks.MODEL_SUFFIXES, ("CHECKPOINT", checkpoint), ("--scores", scores), ("--data", data),
+                   ("--risk-data", risk_data), ("--cert", cert), ("--finetune-data", finetune_data))
+    c.check_unit(ratio=ratio, target_flops=target_flops, max_risk=max_risk, delta=delta,
+                 max_layer_ratio=max_layer_ratio, conftr_alpha=conftr_alpha)
+    kwargs = c.arch_kwargs(arch_kwargs)
+    pre = c.preprocess(image_size, mean, std, channels)
+    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
-    from prunecp_cli.pipeline.session import parse_shape
 
     rep = c.reporter(quiet, verbose)
-    pre = c.preprocess(image_size, mean, std, channels)
     common = dict(
         scores=scores, method=method, data=data, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
         protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,
-        arch_kwargs=c.arch_kwargs(arch_kwargs), input_shape=parse_shape(input_shape), options=options, device=device,
-        batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=pre,
+        arch_kwargs=kwargs, input_shape=shape, options=options,
+        device=device, batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=pre,
         reporter=rep, granularity=granularity, trust_arch=trust_arch,
     )
     schedule = None

@@ -43,13 +43,18 @@ def report(
     """Tables of channels, parameters, FLOPs (fvcore, 1 multiply-add = 1 FLOP) and measured latency."""
     import json
 
+    suffixes = {Format.json: c.checks.JSON_SUFFIXES, Format.markdown: (".md", ".markdown"),
+                Format.table: (".txt",)}[fmt]
+    c.check_output(out, suffixes, ("MODEL", model), ("--baseline", baseline), ("--cert", cert))
+    kwargs = c.arch_kwargs(arch_kwargs)
+    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
     from prunecp_cli.io.files import write_text
-    from prunecp_cli.pipeline.session import parse_shape
 
-    data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
-                      input_shape=parse_shape(input_shape), device=device, batch_size=batch_size, repeats=repeats,
-                      latency=latency, cert=cert, reporter=c.reporter(quiet), trust_arch=trust_arch)
+    data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=kwargs,
+                      input_shape=shape, device=device, batch_size=batch_size, repeats=repeats,
+                      latency=latency, cert=cert, reporter=c.reporter(quiet, results_to_stderr=out is None),
+                      trust_arch=trust_arch)
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:

@@ -47,16 +47,19 @@ def score(
 ) -> None:
     """Score every channel of every prunable conv group (higher = more important) into importance.json."""
     options = registry.parse_options(method, opt)
+    c.check_output(out, c.checks.JSON_SUFFIXES, ("CHECKPOINT", checkpoint), ("--data", data))
+    kwargs = c.arch_kwargs(arch_kwargs)
+    pre = c.preprocess(image_size, mean, std, channels)
+    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
     from prunecp_cli.io.files import write_json
-    from prunecp_cli.pipeline.session import parse_shape
 
     rep = c.reporter(quiet, verbose)
     table = api.score(
-        checkpoint, method=method, data=data, arch=arch, arch_kwargs=c.arch_kwargs(arch_kwargs),
-        input_shape=parse_shape(input_shape), options=options, ignore=tuple(ignore or ()), device=device,
+        checkpoint, method=method, data=data, arch=arch, arch_kwargs=kwargs,
+        input_shape=shape, options=options, ignore=tuple(ignore or ()), device=device,
         batch_size=batch_size, seed=seed, max_samples=max_samples,
-        preprocess=c.preprocess(image_size, mean, std, channels),
+        preprocess=pre,
         reporter=rep, trust_arch=trust_arch,
     )
     from prunecp_cli.dist import rank

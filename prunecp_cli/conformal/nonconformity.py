@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from prunecp_cli.errors import CertificateError, DataError, UsageError
+from prunecp_cli.errors import CertificateError, DataError, UsageError, brief
 
 __all__ = [
     "APS",
@@ -290,7 +290,7 @@ def from_parameters(name: str, params: dict[str, Any]) -> Nonconformity:
         return NONCONFORMITY[name](**dict(params))
     except (TypeError, ValueError, OverflowError, UsageError) as exc:
         shown = repr(params) if len(repr(params)) <= 120 else repr(params)[:119] + "…"
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         raise CertificateError(
             f"nonconformity {name!r} parameters {shown} are invalid ({reason}); "
             "recalibrate to write a fresh certificate"

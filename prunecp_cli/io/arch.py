@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from prunecp_cli.errors import CheckpointError, UsageError
+from prunecp_cli.checks import parse_json_object
+from prunecp_cli.errors import CheckpointError, UsageError, brief
 
 
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
@@ -34,18 +35,7 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     Raises:
         UsageError: the text is not a JSON object.
     """
-    if text is None or text.strip() == "":
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"--arch-kwargs is not valid JSON ({exc.msg} at column {exc.colno}); "
-            'write a JSON object such as \'{"num_classes": 10}\''
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError('--arch-kwargs must be a JSON object such as \'{"num_classes": 10}\'')
-    return value
+    return parse_json_object(text, option="--arch-kwargs")
 
 
 #: Architecture sources that a prunecp file may name and that prunecp builds without asking: their
@@ -227,8 +217,7 @@ def _import_factory(module_name: str, attr: str, *, where: str, error: type[Exce
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return _short(text.splitlines()[0], 200) if text else "no message"
+    return brief(exc) if str(exc).strip() else "no message"
 
 
 def _short(text: str, limit: int) -> str:

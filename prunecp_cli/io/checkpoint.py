@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prunecp_cli import __version__
-from prunecp_cli.errors import CheckpointError, UsageError
+from prunecp_cli.errors import CheckpointError, UsageError, brief
 from prunecp_cli.io.arch import build_model, check_file_arch, is_spec
 from prunecp_cli.io.files import atomic_write_path, sha256_file
 from prunecp_cli.io.metadata import (
@@ -151,7 +151,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
-                f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0]}); re-export it"
+                f"{path} is not a readable .safetensors file ({brief(exc)}); re-export it"
             ) from None
         return tensors, metadata
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):

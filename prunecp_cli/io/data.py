@@ -29,60 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunecp_cli.checks import parse_floats  # noqa: F401  (re-exported)
 from prunecp_cli.errors import DataError, UsageError
 from prunecp_cli.io.files import sha256_path
+from prunecp_cli.types import CHANNEL_CHOICES, Preprocess  # noqa: F401  (re-exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CHANNEL_CHOICES = (1, 3)
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How pixels are turned into model inputs.
-
-    Attributes:
-        image_size: for folders, resize the short side and centre-crop to this size (None: as stored).
-        mean: per-channel means subtracted after scaling to [0, 1] (None: no normalisation); one value
-            (used for every channel) or one per channel.
-        std: per-channel standard deviations divided by, counted like ``mean``.
-        channels: convert inputs to this many channels, 1 or 3 (None: as stored; folders: see the
-            module docstring).
-
-    Raises:
-        UsageError: ``channels`` is not 1 or 3, or a ``std`` value is not positive.
-    """
-
-    image_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    channels: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.channels is not None and self.channels not in CHANNEL_CHOICES:
-            raise UsageError(f"--channels {self.channels}: give 1 (grayscale) or 3 (RGB)")
-        if self.std is not None and any(not v > 0 for v in self.std):
-            raise UsageError(f"--std {','.join(f'{v:g}' for v in self.std)}: standard deviations must be positive")
-
-    def check_channels(self, channels: int, path: Path, *, hint: str = "") -> None:
-        """Check that ``mean`` and ``std`` fit inputs of ``channels`` channels.
-
-        Args:
-            channels: channel count of the model inputs built from the data.
-            path: the data, named in the message.
-            hint: text appended to the message (e.g. a layout hint).
-
-        Raises:
-            UsageError: ``mean`` or ``std`` has neither one value nor one per channel.
-        """
-        for option, values in (("--mean", self.mean), ("--std", self.std)):
-            if values is not None and len(values) not in (1, channels):
-                raise UsageError(
-                    f"{option} gives {len(values)} values but {path} has {channels} channel"
-                    f"{'' if channels == 1 else 's'}; give one value "
-                    f"per channel (or one for all){hint}"
-                )
 
 
 @dataclass
@@ -522,13 +476,3 @@ def split_indices(n: int, fractions: Sequence[float], *, seed: int) -> list[np.n
         start = stop
     parts.append(np.sort(order[start:]))
     return parts
-
-
-def parse_floats(text: str | None, *, option: str) -> tuple[float, ...] | None:
-    """Parse ``--mean 0.485,0.456,0.406`` style values."""
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: give comma-separated numbers, e.g. 0.485,0.456,0.406") from None

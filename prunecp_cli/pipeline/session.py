@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prunecp_cli import dist
-from prunecp_cli.errors import DataError, UsageError
+from prunecp_cli.errors import DataError, UsageError, brief
 from prunecp_cli.io.checkpoint import LoadedModel, open_model
 from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
 from prunecp_cli.runtime import resolve_device
@@ -53,19 +53,6 @@ class Session:
     def used_data(self) -> list[UsedData]:
         """Data the model has already seen, per its metadata."""
         return [UsedData(**d) for d in self.loaded.meta.extra.get("data_sha256", [])]
-
-
-def parse_shape(text: str | None) -> list[int] | None:
-    """Parse ``--input-shape 3,32,32``."""
-    if text is None:
-        return None
-    try:
-        shape = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r}: give C,H,W such as 3,32,32") from None
-    if not shape or any(v < 1 for v in shape):
-        raise UsageError(f"--input-shape {text!r}: give positive sizes such as 3,32,32")
-    return shape
 
 
 def open_session(
@@ -122,7 +109,7 @@ def open_session(
         hint = dataset.layout_hint(channels) if dataset is not None else ""
         raise DataError(
             f"{where}: the model cannot run on inputs of shape {list(example.shape[1:])} "
-            f"({str(exc).splitlines()[0][:160]}); check the channel count and image size{hint}"
+            f"({brief(exc)}); check the channel count and image size{hint}"
         ) from None
     if out.dim() != 2:
         raise DataError(f"the model's output has shape {list(out.shape)}; prunecp needs classifier logits [N, K]")

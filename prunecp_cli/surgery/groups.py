@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunecp_cli.errors import PlanError, UsageError
+from prunecp_cli.errors import PlanError, UsageError, brief
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
@@ -142,7 +142,7 @@ class ModelGraph:
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         except Exception as exc:
             raise PlanError(
-                f"cannot trace the model's dependencies ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                f"cannot trace the model's dependencies ({type(exc).__name__}: {brief(exc)}); "
                 "the architecture uses an operation Torch-Pruning cannot follow"
             ) from None
         self.groups = self._collect_groups()
@@ -222,6 +222,6 @@ def replay_history(model: nn.Module, history: list, example: torch.Tensor) -> No
         dg.load_pruning_history([(n, bool(out), list(idxs)) for n, out, idxs in history])
     except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
         raise PlanError(
-            f"the stored pruning plan does not fit the architecture ({type(exc).__name__}: {str(exc)[:160]}); "
+            f"the stored pruning plan does not fit the architecture ({type(exc).__name__}: {brief(exc)}); "
             "the file was written for another architecture or --arch-kwargs"
         ) from None

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecp_cli.errors import PlanError, PrunecpError
+from prunecp_cli.errors import PlanError, PrunecpError, brief
 from prunecp_cli.surgery.gates import ChannelGates
 from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph, replay_history
 from prunecp_cli.surgery.select import Removal
@@ -50,7 +50,7 @@ def forward_check(model: nn.Module, example: torch.Tensor, reference: torch.Tens
         with torch.no_grad():
             out = model(example)
     except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        return f"{type(exc).__name__}: {brief(exc)}"
     if not isinstance(out, torch.Tensor):
         return f"the output is a {type(out).__name__}, not a tensor"
     if tuple(out.shape) != tuple(reference.shape):
@@ -90,7 +90,7 @@ def apply_removal(graph: ModelGraph, removal: Removal, *, previous: dict[str, An
             graph.prune_group(name, idxs)
         problem = forward_check(model, graph.example, reference)
     except Exception as exc:  # Torch-Pruning can fail inside a pruning function
-        problem = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        problem = f"{type(exc).__name__}: {brief(exc)}"
     if problem is not None:
         culprits = _find_culprits(pristine, graph, removal)
         names = ", ".join(culprits) if culprits else "several groups together"
@@ -241,7 +241,7 @@ def replay_plan(model: nn.Module, plan: dict[str, Any], *, input_shape: list[int
     except PrunecpError:
         raise
     except Exception as exc:  # Torch-Pruning fails in many ways on a history that does not fit
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no message"
+        first = brief(exc) if str(exc).strip() else "no message"
         raise PlanError(
             f"the stored pruning plan does not fit the architecture ({type(exc).__name__}: {first}); the file "
             "was written for another architecture or --arch-kwargs"

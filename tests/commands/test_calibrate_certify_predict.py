@@ -141,7 +141,7 @@ def test_bad_inputs(cli, work, tmp_path, name):
     (tmp_path / "names3.txt").write_text("a\nb\nc\n")
     paths = {**work, "schema2": tmp_path / "schema2.json", "nofield": tmp_path / "nofield.json",
              "names3": tmp_path / "names3.txt"}
-    out = tmp_path / "out.file"
+    out = tmp_path / "out.json"  # an extension both calibrate and predict accept
     result = cli(*[a.format(**paths) for a in args], "-o" if args[0] != "certify" else "--quiet",
                  *([out] if args[0] != "certify" else []))
     assert_one_line_error(result, code, contains=contains)

@@ -162,7 +162,7 @@ def test_predict_on_a_flat_folder_and_a_single_image(cli, images):
     assert all("label" not in r for r in flat)
     single = _records(cli(*base, "--data", images["flat_files"][3]))
     assert len(single) == 1 and single[0]["path"] == str(images["flat_files"][3])
-    assert single[0]["top1"] == flat[3]["top1"] and single[0]["scores"] == pytest.approx(flat[3]["scores"])
+    assert single[0]["top1"] == flat[3]["top1"] and single[0]["scores"] == pytest.approx(flat[3]["scores"], abs=1e-5)  # batch 1 vs batch 4: float rounding
 
 
 @pytest.mark.parametrize("command", ["calibrate", "certify"])

@@ -1,0 +1,140 @@
+"""Checks that need no model: output paths, probabilities, JSON options.
+
+Nothing here imports torch or numpy, so every command runs these checks before it loads anything
+heavy: a mistyped ``-o`` or ``--alpha`` fails in a fraction of a second, and the API runs the same
+checks for callers that skip the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prunecp_cli.errors import UsageError
+
+JSON_SUFFIXES = (".json",)
+MODEL_SUFFIXES = (".safetensors",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def open_unit(value: float | None, name: str) -> None:
+    """Check that ``value`` (when given) lies strictly between 0 and 1.
+
+    Args:
+        value: the number, or None when the option was not given.
+        name: the option's name in messages, e.g. ``--alpha``.
+
+    Raises:
+        UsageError: ``value`` is not a finite number in (0, 1).
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 < value < 1.0:
+        raise UsageError(f"{name} {value!r} must lie strictly between 0 and 1, e.g. {name} 0.1")
+
+
+def parse_json_object(text: str | None, *, option: str = "--arch-kwargs") -> dict[str, Any]:
+    """Parse an option holding a JSON object (``--arch-kwargs '{"num_classes": 10}'``).
+
+    Raises:
+        UsageError: the text is not a JSON object.
+    """
+    if text is None or text.strip() == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{option} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            'write a JSON object such as \'{"num_classes": 10}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f'{option} must be a JSON object such as \'{{"num_classes": 10}}\'')
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_output(
+    out: str | Path | None,
+    *,
+    suffixes: tuple[str, ...],
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
+    option: str = "-o",
+) -> None:
+    """Refuse an output path that would clobber an input, or that has the wrong extension.
+
+    Args:
+        out: the output path (None: nothing is written; nothing to check).
+        suffixes: the extensions this output may have (lower case, with the dot).
+        inputs: ``(option, path)`` of every input the command reads; None paths are skipped.
+        option: the output's option name in messages.
+
+    Raises:
+        UsageError: ``out`` is an input file (or lies inside an input folder), is a folder, or has
+            another extension than ``suffixes``.
+    """
+    if out is None:
+        return
+    out = Path(out)
+    for name, path in inputs:
+        if path is None:
+            continue
+        path = Path(path)
+        if _same_file(out, path) or (path.is_dir() and _inside(out, path)):
+            where = "is" if _same_file(out, path) else "lies inside"
+            raise UsageError(f"{option} {out} {where} the input {name} {path}; writing it would destroy that "
+                             f"input: choose another {option} path")
+    if out.is_dir():
+        raise UsageError(f"{option} {out} is a folder; give a file name such as {out / ('out' + suffixes[0])}")
+    if out.suffix.lower() not in suffixes:
+        wanted = " or ".join(suffixes)
+        raise UsageError(f"{option} {out} must end in {wanted} (this command writes {suffixes[0][1:]}); "
+                         f"e.g. {option} {out.with_suffix(suffixes[0]).name}")
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    """Parse ``--input-shape 3,32,32`` (or ``3x32x32``) into ``[3, 32, 32]``.
+
+    Raises:
+        UsageError: not a list of positive integers.
+    """
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: give C,H,W such as 3,32,32") from None
+    if not shape or any(v < 1 for v in shape):
+        raise UsageError(f"--input-shape {text!r}: give positive sizes such as 3,32,32")
+    return shape
+
+
+def parse_floats(text: str | None, *, option: str) -> tuple[float, ...] | None:
+    """Parse ``--mean 0.485,0.456,0.406`` style values."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated numbers, e.g. 0.485,0.456,0.406") from None
