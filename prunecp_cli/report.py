@@ -15,6 +15,7 @@ from torch import nn
 
 from prunecp_cli.io.arch import build_model
 from prunecp_cli.io.checkpoint import open_model
+from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.measure import FLOPS_UNIT, Latency, count_params, flops_by_module, measure_latency
 from prunecp_cli.pipeline.session import open_session
 from prunecp_cli.runtime import SILENT, Reporter
@@ -100,8 +101,11 @@ def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
     if roles:
         rows.append(("data seen", "; ".join(f"{f} ({', '.join(r)})" for f, r in roles.items())))
     control = meta.get("risk_control")
-    if control:
+    if control and control.get("bound_to_weights", True):
         rows.append(("Learn-then-Test", str(control.get("statement", ""))))
+    elif control:
+        rows.append(("Learn-then-Test", "a record is present but was not made for these weights (the model was "
+                     "changed after the test): no risk guarantee applies"))
     sparsity = meta.get("sparsity")
     if sparsity:
         rows.append(("weight sparsity", f"{sparsity.get('zeroed_fraction', 0):.1%} of weights zeroed: shapes and "
@@ -200,9 +204,18 @@ def report(
         params={"before": count_params(dense) if dense is not None else None, "after": count_params(pruned)},
         flops={"before": before_flops.get("") if dense is not None else None, "after": after_flops[""]},
         latency=timings,
-        metadata={k: v for k, v in meta.extra.items() if k in PROVENANCE_KEYS},
+        metadata=_provenance(meta.extra, pruned),
         certificate=certificate,
     )
+
+
+def _provenance(extra: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The provenance fields, with the Learn-then-Test record marked by whether it is about ``model``."""
+    fields = {k: v for k, v in extra.items() if k in PROVENANCE_KEYS}
+    control = fields.get("risk_control")
+    if isinstance(control, dict):
+        fields["risk_control"] = {**control, "bound_to_weights": control.get("weights_sha256") == weights_sha256(model)}
+    return fields
 
 
 def _fmt_count(value: int | None) -> str:
@@ -310,8 +323,9 @@ def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
     control = cert.get("risk_control")
     if control:
         bound = control.get("max_risk") if control.get("max_risk") is not None else control.get("max_set_size")
+        whose = "" if cert.get("binds_model", True) else " for the model the certificate binds, not this file"
         rows.append(("risk control", f"{control.get('risk')} <= {bound} with confidence "
-                     f"{control.get('confidence')} (Learn-then-Test, n={control.get('n')})"))
+                     f"{control.get('confidence')} (Learn-then-Test, n={control.get('n')}){whose}"))
         if control.get("level_text") is not None:
             rows.append(("risk-certified level", f"{control['level_text']}"))
     return rows

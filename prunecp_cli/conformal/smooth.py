@@ -243,8 +243,10 @@ def size_loss(membership: Tensor, *, target_size: float = 0.0) -> Tensor:
 def classification_loss(membership: Tensor, labels: Tensor, *, loss_matrix: Tensor | None = None) -> Tensor:
     """ConfTr classification loss L_cls (Stutz et al., 2022).
 
-    mean_i sum_k [(1 - C_k) 1[y=k] + C_k 1[y!=k]] L[y, k], with L all ones by default (ConfTr's
-    identity L): it charges for a missing true class and for every wrong class included.
+    mean_i sum_k [(1 - C_k) 1[y=k] + C_k 1[y!=k]] L[y, k]. prunecp's default L is all ones: it
+    charges for a missing true class and for every wrong class included. The reference code of
+    ConfTr defaults to the identity L instead, under which the wrong-class term vanishes and the
+    loss is mean_i (1 - C_y(x_i)); pass ``loss_matrix=torch.eye(K)`` for that.
 
     Args:
         membership: Tensor [N, K] of soft memberships.

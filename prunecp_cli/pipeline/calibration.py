@@ -24,6 +24,7 @@ nonconformity module's own default.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from prunecp_cli import dist
+from prunecp_cli.checks import JSON_SUFFIXES, check_output
 from prunecp_cli.conformal.certificate import build_certificate, class_conditional_guarantee
 from prunecp_cli.conformal.nonconformity import (
     NONCONFORMITY,
@@ -51,6 +53,7 @@ from prunecp_cli.conformal.quantile import (
 from prunecp_cli.conformal.stats import coverage, mean_set_size, per_class_coverage, set_size_histogram
 from prunecp_cli.errors import CalibrationError, DataError, UsageError
 from prunecp_cli.io.data import Preprocess, split_indices
+from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.io.files import write_json
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
 from prunecp_cli.pipeline.inference import collect_logits
@@ -197,7 +200,7 @@ def check_unused(sha256: str, used: list[UsedData], *, file: str, purpose: str =
             raise CalibrationError(
                 f"{file} was already used as {record.role} data for this model (recorded as {record.file}), so it "
                 f"cannot serve as {purpose} data: the conformal guarantee needs points the model never saw; pass "
-                "a disjoint split (design.md §1: score, calibration and test splits are disjoint)"
+                "a disjoint split (score, calibration and test splits must be disjoint)"
             )
 
 
@@ -213,6 +216,71 @@ def model_record(session: Session) -> dict[str, Any]:
         "flops": count_flops(session.model, session.example),
         "flops_unit": FLOPS_UNIT,
     }
+
+
+def risk_record(
+    control: Any,
+    *,
+    weights: str,
+    nonconformity: Nonconformity,
+    alpha: float,
+    delta: float | None,
+    class_conditional: bool,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any] | None:
+    """The model's Learn-then-Test record for a new certificate, or None when it does not apply.
+
+    A record is copied only when it was made for exactly these weights (its ``weights_sha256``), and a
+    set-size record only when the certificate's sets are the ones it tested (same nonconformity and
+    parameters, alpha, delta and class-conditional choice). The copy says which threshold it is about:
+    the set-size test recalibrated q̂ on the risk data at each level, so its bound is about those
+    sets, not about this certificate's q̂; the other risks are about top-1 predictions and use no q̂.
+
+    Args:
+        control: the model metadata's ``risk_control`` record (None when absent).
+        weights: :func:`~prunecp_cli.io.digest.weights_sha256` of the model being calibrated.
+        nonconformity: the certificate's score, after any tuning.
+        alpha: the certificate's alpha.
+        delta: the certificate's delta (None: marginal).
+        class_conditional: whether the certificate has one threshold per class.
+        reporter: receives a warning when a record is left out.
+    """
+    if not isinstance(control, dict):
+        return None
+    if control.get("weights_sha256") != weights:
+        reporter.warn("the model carries a Learn-then-Test record that was not made for these weights (the model "
+                      "was changed after the test); it is left out of the certificate")
+        return None
+    record = dict(control)
+    if control.get("risk") != "set-size":
+        record["threshold"] = {"uses_quantile": False, "about": "the model's top-1 predictions; the bound does not "
+                               "depend on q-hat"}
+        return record
+    tested = control.get("set_size") or {}
+    wanted = {"nonconformity": {"name": nonconformity.name, "parameters": nonconformity.parameters()},
+              "alpha": float(alpha), "delta": None if delta is None else float(delta),
+              "class_conditional": bool(class_conditional)}
+    have = {key: tested.get(key) for key in wanted}
+    if json.dumps(have, sort_keys=True) != json.dumps(wanted, sort_keys=True):
+        reporter.warn(
+            f"the model's Learn-then-Test set-size bound was tested on sets of {_sets_text(have)}, but this "
+            f"certificate makes sets of {_sets_text(wanted)}; the bound is left out of the certificate")
+        return None
+    at_level = next((r for r in reversed(control.get("levels") or []) if r.get("level") == control.get("level")), {})
+    record["threshold"] = {
+        "uses_quantile": True, "quantile_in_test": at_level.get("qhat"),
+        "about": f"sets with q-hat recalibrated on {tested.get('calibration_n')} points of the risk data "
+                 f"({control.get('data_file')}), not this certificate's q-hat",
+    }
+    return record
+
+
+def _sets_text(spec: dict[str, Any]) -> str:
+    score = spec.get("nonconformity") or {}
+    text = f"{score.get('name')} {json.dumps(score.get('parameters'), sort_keys=True)} at alpha {spec.get('alpha')}"
+    if spec.get("delta") is not None:
+        text += f", delta {spec['delta']}"
+    return text + (", per class" if spec.get("class_conditional") else "")
 
 
 def _check_probability(name: str, value: float | None) -> None:
@@ -273,6 +341,7 @@ def calibrate(
         CalibrationError: Data the model already used, or too few points (naming the smallest n).
         DataError: Unlabelled data, or labels outside the model's classes.
     """
+    check_output(output, suffixes=JSON_SUFFIXES, inputs=[("model", model), ("data", data)])
     _check_probability("alpha", alpha)
     _check_probability("delta", delta)
     if not 0 < tune_fraction < 1:
@@ -282,16 +351,19 @@ def calibrate(
                            device=device, need_labels=True, trust_arch=trust_arch)
     dataset = session.data
     check_unused(dataset.sha256, session.used_data(), file=dataset.path.name)
+    weights = weights_sha256(session.model)
     logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,
                                     num_classes=session.num_classes, reporter=reporter, description="calibration")
     tuning = None
     if isinstance(score, RAPS) and k_reg is None:
         logits, labels, score, tuning = _tune_k_reg(logits, labels, score, alpha=alpha, delta=delta,
                                                     fraction=tune_fraction, seed=seed)
+    control = risk_record(session.loaded.meta.extra.get("risk_control"), weights=weights, nonconformity=score,
+                          alpha=alpha, delta=delta, class_conditional=class_conditional, reporter=reporter)
     cert = certificate_from_logits(
         logits, labels, alpha=alpha, delta=delta, nonconformity=score, class_conditional=class_conditional,
         model=model_record(session), data={"file": dataset.path.name, "sha256": dataset.sha256},
-        tuning=tuning, risk_control=session.loaded.meta.extra.get("risk_control"),
+        tuning=tuning, risk_control=control,
     )
     if output is not None and dist.rank() == 0:
         write_json(output, cert)

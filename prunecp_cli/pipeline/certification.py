@@ -54,6 +54,43 @@ def _p_value(covered: int, m: int, *, certificate: dict[str, Any], cls: int | No
     return p_value_marginal(covered, m, n=n, k=k), f"Beta-Binomial({m}, {k}, {n + 1 - k})"
 
 
+CLASS_WARNING_LEVEL = 0.01
+"""Family-wise level of the per-class low-coverage warning (Bonferroni over the classes)."""
+CLASS_WARNING_GAP = 0.05
+"""A class is flagged only when its coverage is at least this far below 1 - alpha."""
+
+
+def low_coverage_classes(sets: torch.Tensor, labels: torch.Tensor, *, alpha: float) -> list[dict[str, Any]]:
+    """Classes whose test coverage is far below ``1 - alpha`` (a warning for marginal certificates).
+
+    A marginal certificate promises coverage on average over classes, not within each; a class
+    whose coverage is both ``CLASS_WARNING_GAP`` below ``1 - alpha`` and improbably low under
+    ``Bin(m_c, 1 - alpha)`` at level ``CLASS_WARNING_LEVEL / J`` (``J`` classes with test points) is
+    reported, so users learn that ``--class-conditional`` would help. This is a screen, not a test
+    of the certificate: it never changes the verdict.
+    """
+    labels = labels.to(sets.device)
+    present = [c for c in range(sets.shape[1]) if int((labels == c).sum()) > 0]
+    flagged = []
+    for c in present:
+        mask = labels == c
+        m_c = int(mask.sum())
+        hits = covered_count(sets[mask], labels[mask])
+        p_c = p_value_pac(hits, m_c, alpha=alpha)
+        if hits / m_c <= 1 - alpha - CLASS_WARNING_GAP and p_c < CLASS_WARNING_LEVEL / len(present):
+            flagged.append({"class": c, "n": m_c, "covered": hits, "coverage": hits / m_c, "p_value": p_c})
+    return flagged
+
+
+def class_warning(flagged: list[dict[str, Any]], *, alpha: float) -> str:
+    """The warning line for :func:`low_coverage_classes`."""
+    shown = ", ".join(f"class {r['class']} {r['coverage']:.2f} ({r['covered']}/{r['n']})" for r in flagged[:5])
+    more = f" and {len(flagged) - 5} more" if len(flagged) > 5 else ""
+    return (f"test coverage is far below {1 - alpha:g} in {len(flagged)} class(es): {shown}{more}; the "
+            "certificate's guarantee is marginal (on average over classes), not per class: calibrate with "
+            "--class-conditional for coverage within every class")
+
+
 def verdict_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -75,7 +112,8 @@ def verdict_from_logits(
     Returns:
         ``{passed, coverage, covered, n, mean_set_size, top1_accuracy, set_size_histogram,
         per_class_coverage, per_class, p_value, test, significance, alpha, delta, guarantee,
-        class_conditional, checks}``; ``checks`` holds the one ``coverage`` check.
+        class_conditional, low_coverage_classes, warnings, checks}``; ``checks`` holds the one
+        ``coverage`` check; ``warnings`` holds the :func:`class_warning` line when classes are flagged.
 
     Raises:
         DataError: Labels outside the model's classes, or the logits do not have the certificate's K.
@@ -114,6 +152,8 @@ def verdict_from_logits(
     else:
         p_value, test = _p_value(covered, m, certificate=certificate)
         where = f"coverage {covered / m:.4f} ({covered}/{m})"
+    flagged = [] if certificate["class_conditional"] else low_coverage_classes(sets, labels,
+                                                                                alpha=certificate["alpha"])
     passed = p_value >= significance
     if passed:
         detail = (f"{where} is consistent with coverage >= {at_least:g}: p = {p_value:.3g} >= significance "
@@ -140,6 +180,9 @@ def verdict_from_logits(
         "guarantee": certificate["guarantee"]["type"],
         "coverage_at_least": at_least,
         "class_conditional": certificate["class_conditional"],
+        "low_coverage_classes": flagged,
+        # a failed coverage test says more than the per-class screen: warn only when the audit passed
+        "warnings": [class_warning(flagged, alpha=certificate["alpha"])] if flagged and passed else [],
         "checks": [{"name": "coverage", "passed": passed, "detail": detail}],
     }
 
@@ -225,10 +268,13 @@ def certify(
                 "p_value": None, "significance": significance, "alpha": certificate["alpha"],
                 "delta": certificate["delta"], "guarantee": certificate["guarantee"]["type"],
                 "coverage_at_least": certificate["guarantee"]["coverage_at_least"],
-                "class_conditional": certificate["class_conditional"], "checks": checks, **record}
+                "class_conditional": certificate["class_conditional"], "low_coverage_classes": [], "warnings": [],
+                "checks": checks, **record}
     logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,
                                     num_classes=session.num_classes, reporter=reporter, description="certify")
     verdict = verdict_from_logits(logits, labels, certificate=certificate, significance=significance)
+    for message in verdict["warnings"]:
+        reporter.warn(message)
     verdict["checks"] = checks + verdict["checks"]
     verdict["passed"] = all(c["passed"] for c in verdict["checks"])
     return {**verdict, **record}

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecp_cli.checks import MODEL_SUFFIXES, check_output
 from prunecp_cli.errors import CalibrationError, CertificationFailed, DataError, PlanError, UsageError
 from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
 from prunecp_cli.measure import flops_by_module
@@ -52,6 +53,7 @@ from prunecp_cli.pipeline.risktest import (
     risk_test,
     statement,
 )
+from prunecp_cli.pipeline.scoring import few_examples_warnings
 from prunecp_cli.riskcontrol.fixed_sequence import fixed_sequence_search
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.groups import ModelGraph
@@ -228,6 +230,8 @@ def prune_confident(
         DataError: the risk data lack labels the risk needs, or do not fit the model.
         CertificationFailed: not even the first level is certified (nothing is written).
     """
+    check_output(output, suffixes=MODEL_SUFFIXES, inputs=[("checkpoint", checkpoint), ("scores", scores),
+                                                          ("data", data), ("risk_data", risk_data), ("cert", cert)])
     check_open("--delta", delta)
     check_open("--max-risk", max_risk)
     levels = parse_grid(grid)
@@ -267,6 +271,10 @@ def prune_confident(
         risk_set.require_labels(session.num_classes)
         labels = torch.from_numpy(risk_set.labels)
     split = read_set_size_split(cert, len(risk_set), seed=seed) if risk == "set-size" else None
+    if split is not None and split.certificate["data_sha256"] == risk_set.sha256:
+        raise CalibrationError(f"--cert {Path(cert).name} was calibrated on --risk-data {risk_set.path.name} itself; "
+                               "the set-size test recalibrates q-hat on half of the risk data and needs a "
+                               "certificate from other data: calibrate --cert on a disjoint split")
     bn_data = session.data if (bn_recalibrate or (bn_recalibrate is None and session.data is not None)) else None
     pruner = LevelPruner(setup, granularity=granularity, grid_kind=grid_kind, ignore=ignore, bn_data=bn_data,
                          batch_size=batch_size)
@@ -307,6 +315,8 @@ def prune_confident(
     target = {"ratio": certified if grid_kind == "ratio" else None, "granularity": granularity,
               "ignore": list(ignore), "risk_control": True}
     warnings = list(setup.warnings)
+    if bn_data is not None:
+        warnings += few_examples_warnings(len(bn_data), "BatchNorm recalibration")
     if granularity == "weight":
         setup.method, setup.method_params = "magnitude-unstructured", {}
     else:

@@ -12,16 +12,20 @@ from torch import nn
 
 from prunecp_cli import dist
 from prunecp_cli import importance as registry
+from prunecp_cli.checks import MODEL_SUFFIXES, check_output
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
 from prunecp_cli.io.data import Dataset, Preprocess
+from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
 from prunecp_cli.pipeline.schedule import Schedule, run_schedule
 from prunecp_cli.pipeline.scoring import (
     compute_importance,
     degenerate_warnings,
+    few_examples_warnings,
     read_importance,
     scores_for_graph,
+    scoring_data_warnings,
 )
 from prunecp_cli.pipeline.session import Session, open_session
 from prunecp_cli.runtime import SILENT, Reporter
@@ -32,6 +36,8 @@ from prunecp_cli.surgery.unstructured import NO_SPEEDUP, magnitude_prune
 from prunecp_cli.types import PruneResult, UsedData
 
 GRANULARITIES = ("channel", "weight")
+PER_MODEL_RECORDS = ("risk_control", "sparsity", "schedule", "finetune")
+"""Metadata records that describe one model's weights; a new model made from it never inherits them."""
 
 
 def tie_warnings(scores: dict[str, torch.Tensor], removal: Removal) -> list[str]:
@@ -160,6 +166,7 @@ def prepare(
         return PruneSetup(session, None, {}, policy, method or "", dict(options or {}), used,
                           params_before=params_before, flops_before=flops_before)
     graph = ModelGraph(model, example, ignore=ignore)
+    warnings: list[str] = []
     if table is not None:
         group_scores = scores_for_graph(table, graph, model_sha256=session.loaded.sha256, path=scores)
         method_name, method_params = table.method, table.params
@@ -172,10 +179,11 @@ def prepare(
                                              batch_size=batch_size, seed=seed, max_samples=max_samples,
                                              reporter=reporter)
         method_name = method
+        warnings += scoring_data_warnings(session, method, info.needs_data, max_samples)
         if info.needs_data and session.data is not None:
             used.append(UsedData(session.data.sha256, "score", session.data.path.name))
     return PruneSetup(session, graph, group_scores, policy, method_name, method_params, used,
-                      warnings=degenerate_warnings(group_scores), params_before=params_before,
+                      warnings=warnings + degenerate_warnings(group_scores), params_before=params_before,
                       flops_before=flops_before)
 
 
@@ -209,7 +217,8 @@ def finalise(
     session = setup.session
     params_after, flops_after = count_params(model), count_flops(model, session.example)
     meta = session.loaded.meta
-    fields = dict(meta.extra)
+    # Records about the input model's own making or guarantees do not describe the new weights.
+    fields = {k: v for k, v in meta.extra.items() if k not in PER_MODEL_RECORDS}
     fields.update({
         "source_sha256": session.loaded.sha256,
         "method": setup.method,
@@ -225,6 +234,8 @@ def finalise(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     fields.update(extra or {})
+    if "risk_control" in fields:  # bind the Learn-then-Test record to exactly these weights
+        fields["risk_control"] = {**fields["risk_control"], "weights_sha256": weights_sha256(model)}
     new_meta = ModelMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, input_shape=session.input_shape,
                          plan=plan, extra=fields)
     digest = save_model(model, output, new_meta) if dist.rank() == 0 else ""
@@ -301,6 +312,8 @@ def prune(
         ScoresError: the scores file does not belong to this model.
         PlanError: the target is unreachable, or the pruned model fails its forward check.
     """
+    check_output(output, suffixes=MODEL_SUFFIXES, inputs=[("checkpoint", checkpoint), ("scores", scores),
+                                                          ("data", data)])
     check_granularity(granularity, scores=scores, method=method, target_flops=target_flops)
     if granularity == "channel" and (scores is None) == (method is None):
         raise UsageError("give exactly one of --scores (an importance.json) and --method")
@@ -328,6 +341,8 @@ def prune(
     used = list(setup.used)
     if bn_recalibrate is None:
         bn_recalibrate = session.data is not None
+    if bn_recalibrate:
+        setup.warnings += few_examples_warnings(len(session.data), "BatchNorm recalibration")
     if schedule.finetune_data is not None:
         schedule.finetune_data.require_labels(session.num_classes)
     done = run_schedule(setup, ratio=ratio, target_flops=target_flops, schedule=schedule, method=method,
@@ -379,6 +394,8 @@ def prune_weights(setup: PruneSetup, output: str | Path, fraction: float, *, ign
     sparsity = magnitude_prune(session.model, fraction, ignore=ignore)
     used, recalibrated = list(setup.used), 0
     if bn_recalibrate or (bn_recalibrate is None and session.data is not None):
+        for message in few_examples_warnings(len(session.data), "BatchNorm recalibration"):
+            reporter.warn(message)
         recalibrated = recalibrate(session, batch_size=batch_size, reporter=reporter)
         used.append(UsedData(session.data.sha256, "bn-recalibration", session.data.path.name))
     reporter.info(f"--granularity weight: {NO_SPEEDUP}")

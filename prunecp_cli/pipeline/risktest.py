@@ -182,7 +182,7 @@ def read_set_size_split(cert: str | Path, n: int, *, seed: int) -> SetSizeSplit:
     name, params = obj["nonconformity"]["name"], obj["nonconformity"].get("parameters", {})
     delta = obj.get("delta")
     calibration, test = split_indices(n, [0.5, 0.5], seed=seed)
-    record = {"file": Path(cert).name, "sha256": sha256_file(cert),
+    record = {"file": Path(cert).name, "sha256": sha256_file(cert), "data_sha256": obj["data"]["sha256"],
               "nonconformity": {"name": name, "parameters": params}, "alpha": obj["alpha"], "delta": delta,
               "class_conditional": bool(obj.get("class_conditional", False))}
     return SetSizeSplit(from_parameters(name, params), float(obj["alpha"]), None if delta is None else float(delta),

@@ -75,6 +75,26 @@ def compute_importance(
     return {g.name: scores[g.name].double().cpu() for g in graph.groups}, ctx.extras
 
 
+MIN_RELIABLE_EXAMPLES = 32
+"""Fewer examples than this make BatchNorm statistics and data-driven scores unreliable."""
+
+
+def few_examples_warnings(count: int, purpose: str) -> list[str]:
+    """A warning when ``purpose`` (e.g. "BatchNorm recalibration") runs on fewer than 32 examples."""
+    if count >= MIN_RELIABLE_EXAMPLES:
+        return []
+    return [f"{purpose} uses only {count} example(s); with fewer than {MIN_RELIABLE_EXAMPLES} its statistics are "
+            "unreliable and can cost much accuracy: pass more --data"]
+
+
+def scoring_data_warnings(session: Session, method: str, needs_data: bool, max_samples: int | None) -> list[str]:
+    """The few-examples warning for a data-driven ``method`` on the session's data."""
+    if not needs_data or session.data is None:
+        return []
+    count = len(session.data) if max_samples is None else min(len(session.data), max_samples)
+    return few_examples_warnings(count, f"--method {method}")
+
+
 def degenerate_warnings(scores: dict[str, torch.Tensor]) -> list[str]:
     """Warnings for groups whose scores carry no ranking information (all equal)."""
     flat = [name for name, value in scores.items() if value.numel() > 1 and bool((value == value[0]).all())]
@@ -135,7 +155,7 @@ def score(
     graph = ModelGraph(session.model, session.example, ignore=ignore)
     scores, extras = compute_importance(session, graph, method=method, options=options, batch_size=batch_size,
                                         seed=seed, max_samples=max_samples, reporter=reporter)
-    warnings = degenerate_warnings(scores)
+    warnings = scoring_data_warnings(session, method, info.needs_data, max_samples) + degenerate_warnings(scores)
     for message in warnings:
         reporter.warn(message)
     groups = [

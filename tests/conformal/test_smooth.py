@@ -216,6 +216,12 @@ def test_classification_loss_hand_computed():
     assert classification_loss(MEMBERSHIP, LABELS, loss_matrix=weights).item() == pytest.approx(0.8)
 
 
+def test_classification_loss_with_the_reference_identity_matrix():
+    # ConfTr's reference default L = I: only a missing true class costs, mean (1 - C_y) = (0.1 + 0.5) / 2
+    identity = torch.eye(3, dtype=torch.float64)
+    assert classification_loss(MEMBERSHIP, LABELS, loss_matrix=identity).item() == pytest.approx(0.3)
+
+
 def test_coverage_loss_hand_computed():
     # C_y = 0.9 and 0.5 against 1 - alpha = 0.9: gaps 0 and -0.4
     assert coverage_loss(MEMBERSHIP, LABELS, alpha=0.1).item() == pytest.approx(0.08)
