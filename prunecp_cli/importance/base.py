@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunecp_cli import importance as registry
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import Batch, Dataset
 from prunecp_cli.runtime import SILENT, Reporter
@@ -111,3 +112,8 @@ class Importance:
     def __call__(self, ctx: ImportanceContext) -> dict[str, torch.Tensor]:
         """One score per channel of every group of ``ctx.graph`` (higher = more important)."""
         raise NotImplementedError
+
+
+def method_options(ctx: ImportanceContext, name: str) -> dict[str, Any]:
+    """``ctx.options`` over the registry defaults of method ``name`` (for direct, registry-free calls)."""
+    return {**{key: default for key, (default, _) in registry.info(name).options.items()}, **ctx.options}

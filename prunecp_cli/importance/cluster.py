@@ -22,7 +22,7 @@ abstract was available, so the concrete choices below are prunecp's (algorithms.
    ``K_l`` clusters (:func:`~prunecp_cli.importance.clustering.kmeans_pp`; seeded by ``--seed``, the
    group and ``K_l``; cached per ``(group, K_l)``).
 
-3. **Cluster counts by self-adaptive DE** (jDE, :func:`~prunecp_cli.importance.clustering.jde_integer_search`)
+3. **Cluster counts by self-adaptive DE** (jDE, :func:`~prunecp_cli.importance.jde.jde_integer_search`)
    over ``K = (K_1..K_L)``, ``K_l in [2, C_l - 1]``, ``population`` individuals, ``generations``
    generations. **Objective** of a candidate ``K``, to maximise::
 
@@ -67,15 +67,14 @@ import torch
 from torch import nn
 
 from prunecp_cli.errors import UsageError
-from prunecp_cli.importance.base import Importance, ImportanceContext, Needs
+from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
 from prunecp_cli.importance.clustering import (
-    DEGeneration,
     activation_cosine_feature,
     crowding_scores,
-    jde_integer_search,
     kmeans_pp,
     standardize,
 )
+from prunecp_cli.importance.jde import DEGeneration, jde_integer_search
 from prunecp_cli.surgery.batchnorm import BN_TYPES, recalibrate_batchnorm
 from prunecp_cli.surgery.gates import ChannelGates
 from prunecp_cli.surgery.groups import ChannelGroup
@@ -296,7 +295,7 @@ class ClusterImportance(Importance):
     needs: ClassVar[Needs] = Needs.DATA | Needs.LABELS
 
     def __call__(self, ctx: ImportanceContext) -> dict[str, torch.Tensor]:
-        opts = _checked(_options(ctx, self.name))
+        opts = _checked(method_options(ctx, self.name))
         data = ctx.dataset()
         held_rows, recal_rows = split_rows(ctx, opts["holdout"])
         held = np.isin(data.rows, held_rows)
@@ -349,13 +348,6 @@ class ClusterImportance(Importance):
             for name, value in maps.items():
                 weights[name][:, 2] = activation_cosine_feature(value)
         return {name: standardize(value) for name, value in weights.items()}
-
-
-def _options(ctx: ImportanceContext, name: str) -> dict[str, Any]:
-    """``ctx.options`` over the registry defaults (for direct, registry-free calls)."""
-    from prunecp_cli import importance as registry
-
-    return {**{key: default for key, (default, _) in registry.info(name).options.items()}, **ctx.options}
 
 
 def _checked(opts: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,17 +52,10 @@ from prunecp_cli import dist
 from prunecp_cli.conformal.nonconformity import LAC
 from prunecp_cli.conformal.quantile import conformal_rank, min_calibration_size
 from prunecp_cli.errors import CalibrationError, UsageError
-from prunecp_cli.importance.base import Importance, ImportanceContext, Needs
+from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
 from prunecp_cli.surgery.masked import MaskedEvaluator
 
 MEASURES = ("size-of", "size", "of")
-
-
-def method_options(ctx: ImportanceContext, name: str) -> dict[str, Any]:
-    """``ctx.options`` over the registry defaults of method ``name`` (for direct, registry-free calls)."""
-    from prunecp_cli import importance as registry
-
-    return {**{key: default for key, (default, _) in registry.info(name).options.items()}, **ctx.options}
 
 
 def efficiency(cal_scores: torch.Tensor, eval_scores: torch.Tensor, eval_labels: torch.Tensor, *,

@@ -52,8 +52,7 @@ import torch
 from prunecp_cli.conformal.quantile import min_calibration_size
 from prunecp_cli.conformal.smooth import smooth_set_size_loss
 from prunecp_cli.errors import UsageError
-from prunecp_cli.importance.base import Importance, ImportanceContext, Needs
-from prunecp_cli.importance.cp_bruteforce import method_options
+from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
 from prunecp_cli.surgery.gates import ChannelGates
 
 AGGREGATES = ("example", "batch")

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from prunecp_cli import dist
 from prunecp_cli.conformal.quantile import min_calibration_size
 from prunecp_cli.conformal.smooth import smooth_threshold, soft_set_membership
 from prunecp_cli.errors import UsageError
-from prunecp_cli.importance.base import Importance, ImportanceContext, Needs
+from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
 from prunecp_cli.importance.shapley_estimator import ShapleyEstimate, ValueFn, aggregate, permutation_shapley
 from prunecp_cli.surgery.masked import MaskedEvaluator
 
@@ -72,13 +72,6 @@ AGGREGATIONS = ("mean", "mean+2std")
 
 ValueOfLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(logits [M, N, K], labels [N]) -> per-example values [M, N']`` of ``M`` coalitions."""
-
-
-def method_options(ctx: ImportanceContext, name: str) -> dict[str, Any]:
-    """``ctx.options`` over the registry defaults of method ``name`` (for direct, registry-free calls)."""
-    from prunecp_cli import importance as registry
-
-    return {**{key: default for key, (default, _) in registry.info(name).options.items()}, **ctx.options}
 
 
 def loss_value(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
