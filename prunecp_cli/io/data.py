@@ -10,7 +10,9 @@ Accepted inputs (design.md §3):
   and resized with ``image_size``; a flat folder of images (no class sub-folders) or a single image
   file is unlabelled data. Images are converted to ``channels`` (1: PIL ``"L"``, 3: ``"RGB"``); without
   it, to the model's input channels when the caller knows them, else to the first image's (1 for
-  grayscale, 3 otherwise), so every image of a folder has the same channel count.
+  grayscale, 3 otherwise), so every image of a folder has the same channel count. Finding and
+  decoding the images is :mod:`prunecp_cli.io.images`'s part, and the array conversions are in
+  :mod:`prunecp_cli.io.pixels`.
 
 Every kind is normalised with ``mean``/``std`` the same way (after scaling to [0, 1]), and converted
 to ``channels`` when given (arrays: 1→3 by repeating, 3→1 by ITU-R 601 luma as PIL's ``"L"``).
@@ -32,11 +34,9 @@ import torch
 from prunecp_cli.checks import parse_floats  # noqa: F401  (re-exported)
 from prunecp_cli.errors import DataError, UsageError
 from prunecp_cli.io.files import sha256_path
+from prunecp_cli.io.images import IMAGE_SUFFIXES, find_images, image_channels, load_image, load_images
+from prunecp_cli.io.pixels import channels_last_hint, convert_channels, to_float
 from prunecp_cli.types import CHANNEL_CHOICES, Preprocess  # noqa: F401  (re-exported)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
 
 
 @dataclass
@@ -175,63 +175,18 @@ class Dataset:
 
     def _load_x(self, rows: np.ndarray) -> torch.Tensor:
         if self._files is not None:
-            images = []
-            for row in rows:
-                file = self._files[int(row)]
-                image = _load_image(file, self.preprocess)
-                if self._shape is not None and tuple(image.shape) != self._shape:
-                    raise DataError(
-                        f"{file}: image is {image.shape[2]}×{image.shape[1]} pixels, but {self._files[0]} is "
-                        f"{self._shape[2]}×{self._shape[1]}; images differ in size: pass --image-size N to resize "
-                        "and centre-crop them all to N×N"
-                    )
-                images.append(image)
-            return _normalise(torch.stack(images), self.preprocess, self.path)
+            images = load_images([self._files[int(row)] for row in rows], channels=self.preprocess.channels,
+                                 image_size=self.preprocess.image_size, shape=self._shape, reference=self._files[0])
+            return _normalise(images, self.preprocess, self.path)
         array = self._x
         if isinstance(array, torch.Tensor):
             block = array[torch.from_numpy(rows)]
-            x = _to_float(block.float().numpy() if block.dtype == torch.bfloat16 else block.numpy(), self.path)
+            x = to_float(block.float().numpy() if block.dtype == torch.bfloat16 else block.numpy(), self.path)
         else:
-            x = _to_float(np.asarray(array[rows]), self.path)  # a memmap reads only these rows
+            x = to_float(np.asarray(array[rows]), self.path)  # a memmap reads only these rows
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        return _normalise(_convert_channels(x, self.preprocess.channels), self.preprocess, self.path)
-
-
-def channels_last_hint(shape: tuple[int, ...], model_channels: int | None = None) -> str:
-    """A hint to transpose an array of ``shape`` that looks N×H×W×C, else ``""``.
-
-    It looks channels-last when its last size is a plausible channel count (1..4) and its second is
-    not (more than 4, and not the model's channel count).
-
-    Args:
-        shape: shape of the whole ``x`` array.
-        model_channels: the model's input channels, when known.
-    """
-    if len(shape) != 4 or not 1 <= shape[3] <= 4 or shape[1] <= 4 or shape[1] == model_channels:
-        return ""
-    return (
-        f"; x has shape {list(shape)}, which looks channels-last (N×H×W×C): store it as N×C×H×W, "
-        "e.g. x.transpose(0, 3, 1, 2)"
-    )
-
-
-def _convert_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """Convert a float batch [N, C, H, W] to ``channels`` (checked at open: C is 1, 3 or ``channels``)."""
-    if channels is None or x.shape[1] == channels:
-        return x
-    if channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    luma = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * luma).sum(1, keepdim=True)
-
-
-def _to_float(block: np.ndarray, path: Path) -> torch.Tensor:
-    if block.dtype == np.uint8:
-        return torch.from_numpy(block.astype(np.float32) / 255.0)
-    if np.issubdtype(block.dtype, np.floating):
-        return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
-    raise DataError(f"{path}: x has dtype {block.dtype}; store pixels as float32 or uint8")
+        return _normalise(convert_channels(x, self.preprocess.channels), self.preprocess, self.path)
 
 
 def _normalise(x: torch.Tensor, pre: Preprocess, path: Path) -> torch.Tensor:
@@ -243,32 +198,6 @@ def _normalise(x: torch.Tensor, pre: Preprocess, path: Path) -> torch.Tensor:
     mean = torch.tensor(pre.mean if pre.mean is not None else (0.0,), dtype=x.dtype).expand(channels)
     std = torch.tensor(pre.std if pre.std is not None else (1.0,), dtype=x.dtype).expand(channels)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-
-def _image_channels(path: Path) -> int:
-    """Channels an image is converted to when nothing else decides: 1 for grayscale modes, else 3."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return 1 if image.mode in _GRAY_MODES else 3
-    except OSError as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file") from None
-
-
-def _load_image(path: Path, pre: Preprocess) -> torch.Tensor:
-    """Decode one image as a float tensor [C, H, W] in [0, 1] (``pre.channels`` is set for images)."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if pre.channels == 1 else "RGB")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file") from None
-    if pre.image_size is not None:
-        image = TF.center_crop(TF.resize(image, pre.image_size), pre.image_size)
-    return TF.to_tensor(image)
 
 
 def open_dataset(
@@ -295,7 +224,7 @@ def open_dataset(
     if not path.exists():
         raise DataError(f"data {path} does not exist; check the path")
     if path.is_dir():
-        return _open_folder(path, preprocess, default_channels)
+        return _open_images(path, *find_images(path), preprocess, default_channels)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return _open_images(path, [path], None, None, preprocess, default_channels)
@@ -415,31 +344,6 @@ def _validate_arrays(path: Path, x, y):
     return x, y
 
 
-def _is_image(file: Path) -> bool:
-    return file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _open_folder(path: Path, preprocess: Preprocess, default_channels: int | None) -> Dataset:
-    """An ``ImageFolder`` layout (labelled), or a flat folder of images (unlabelled)."""
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        for file in sorted((path / name).rglob("*")):
-            if _is_image(file):
-                files.append(file)
-                labels.append(label)
-    if files:
-        return _open_images(path, files, labels, classes, preprocess, default_channels)
-    files = sorted(file for file in path.iterdir() if _is_image(file))
-    if not files:
-        raise DataError(
-            f"{path}: no images found, neither in class sub-folders (root/<class>/<image>) nor in the folder "
-            f"itself ({', '.join(IMAGE_SUFFIXES)})"
-        )
-    return _open_images(path, files, None, None, preprocess, default_channels)
-
-
 def _open_images(
     path: Path,
     files: list[Path],
@@ -451,7 +355,7 @@ def _open_images(
     """A dataset of image files; the first image fixes the size every other image must have."""
     channels = preprocess.channels
     if channels is None:
-        channels = default_channels if default_channels in CHANNEL_CHOICES else _image_channels(files[0])
+        channels = default_channels if default_channels in CHANNEL_CHOICES else image_channels(files[0])
     preprocess = replace(preprocess, channels=channels)
     preprocess.check_channels(channels, path)
     return Dataset(
@@ -462,7 +366,7 @@ def _open_images(
         classes=classes,
         _y=np.asarray(labels, dtype=np.int64) if labels is not None else None,
         _files=files,
-        _shape=tuple(_load_image(files[0], preprocess).shape),
+        _shape=tuple(load_image(files[0], channels=channels, image_size=preprocess.image_size).shape),
     )
 
 
