@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prunecp_cli import api
+from prunecp_cli import api, present
 from prunecp_cli.datasets import digits, write_splits
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
 from prunecp_cli.io.data import open_dataset
@@ -41,11 +41,9 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
         seed: seed for the split, training and scoring.
         target_flops: fraction of dense FLOPs the pruned model keeps.
         reporter: progress reporter.
-        console: rich console to print to (default: stdout).
+        console: rich console to print to (default: :func:`prunecp_cli.present.console`, stdout).
     """
-    from rich.console import Console
-
-    console = console or Console(highlight=False)
+    console = console or present.console()
     reporter = reporter or Reporter(quiet=True)
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="prunecp-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,16 +94,12 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
                   f"{cert['calibration']['mean_set_size']:.2f}")
 
     step(f"prunecp certify {pruned.name} --cert {cert_path.name} --data test.npz")
-    from prunecp_cli.commands.certify import render_verdict
-
     verdict = api.certify(pruned, cert=cert_path, data=paths["test"], device="cpu", reporter=reporter)
-    render_verdict(verdict, console)
+    present.render_verdict(verdict, console)
 
     step(f"prunecp report {pruned.name} --cert {cert_path.name}")
-    from prunecp_cli.report import render_table
-
     report = api.report(pruned, device="cpu", repeats=10, cert=cert_path, reporter=reporter)
-    render_table(report, console)
+    present.render_table(report, console)
 
     elapsed = time.perf_counter() - started
     console.print(f"\n[bold]done in {elapsed:.1f} s[/bold]; files are in {folder}")

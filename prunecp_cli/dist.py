@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from prunecp_cli.reporting import process_rank
+
 
 def world_size() -> int:
     """Number of processes (1 unless launched by torchrun)."""
@@ -22,8 +24,8 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank (0 unless launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank (0 unless launched by torchrun); see :func:`prunecp_cli.reporting.process_rank`."""
+    return process_rank()
 
 
 def is_distributed() -> bool:

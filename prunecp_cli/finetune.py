@@ -1,7 +1,8 @@
 """Fine-tuning after pruning: cross-entropy, or conformal training (ConfTr).
 
 SGD with Nesterov momentum and a cosine learning-rate schedule over all steps, weight decay, and
-per-epoch seeded shuffling. Two objectives:
+per-epoch seeded shuffling, in prunecp's one training loop (:func:`prunecp_cli.training.train_epochs`).
+Two objectives:
 
 * ``ce``: cross-entropy.
 * ``conftr``: the ConfTr objective of Stutz et al. (ICLR 2022), algorithms.md §1.1: each mini-batch
@@ -42,6 +43,7 @@ from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import Dataset
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
+from prunecp_cli.training import train_epochs
 
 LOSSES = ("ce", "conftr")
 
@@ -141,32 +143,19 @@ def finetune(
     steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
-    smallest = 2 * min_calibration_size(config.conftr_alpha) if config.loss == "conftr" else 2
     rng = np.random.default_rng(config.seed)
-    log = []
-    for epoch in range(config.epochs):
+
+    def epoch_batches(_epoch: int):
         order = rng.permutation(len(data))[: per_rank * world][rank::world]
-        shard = data.subset(order)
-        sums: dict[str, float] = {}
-        batches = 0
-        for batch in reporter.track(shard.batches(config.batch_size, device=device), total=steps_per_epoch,
-                                    description=f"fine-tune {config.loss} epoch {epoch + 1}/{config.epochs}"):
-            if batch.x.shape[0] < smallest:
-                continue  # a tail batch too small (to split, for ConfTr) is skipped, the same on every rank
-            loss, parts = batch_loss(trained, batch.x, batch.y, config, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            batches += 1
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-        record = {"epoch": epoch + 1, **{k: v / max(batches, 1) for k, v in sums.items()}}
-        log.append(record)
-        reporter.detail(f"fine-tune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                                     if k != "epoch"))
+        for batch in data.subset(order).batches(config.batch_size, device=device):
+            yield batch.x, batch.y
+
+    # A tail batch too small (to split, for ConfTr) is skipped, the same on every rank.
+    log = train_epochs(epoch_batches, lambda x, y: batch_loss(trained, x, y, config, generator),
+                       optimizer=optimizer, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                       smallest=2 * min_calibration_size(config.conftr_alpha) if config.loss == "conftr" else 2,
+                       reporter=reporter, label=f"fine-tune {config.loss}")
     shard = dist.shard_batches(data, config.batch_size)
     recalibrate_batchnorm(model, (b.x for b in shard.batches(config.batch_size, device=device)),
                           reduce=dist.all_reduce_sum)

@@ -160,7 +160,7 @@ def preprocess(
 
 def reporter(quiet: bool, verbose: bool = False, *, results_to_stderr: bool = False):
     """The reporter of a CLI run: result lines on stdout (stderr when stdout carries machine output)."""
-    from prunecp_cli.runtime import Reporter
+    from prunecp_cli.reporting import Reporter
 
     return Reporter.for_cli(quiet, verbose=verbose, results_to_stderr=results_to_stderr)
 
@@ -179,13 +179,3 @@ def check_unit(**values: float | None) -> None:
     """Check options that must lie in (0, 1), given as ``name=value`` (``max_risk`` → ``--max-risk``)."""
     for name, value in values.items():
         checks.open_unit(value, "--" + name.replace("_", "-"))
-
-
-def console():
-    """A rich console on stdout (rank 0 prints; other ranks get a silent one)."""
-    import os
-
-    from rich.console import Console
-
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    return Console(quiet=quiet, highlight=False)

@@ -51,34 +51,8 @@ def certify(
 
             print(json.dumps(verdict, indent=2, allow_nan=False))
         else:
-            render_verdict(verdict, c.console())
+            from prunecp_cli import present
+
+            present.render_verdict(verdict, present.console())
     if not verdict["passed"]:
         raise CertificationFailed(failure_message(verdict))
-
-
-def render_verdict(verdict: dict, console) -> None:
-    """Print the verdict as a rich panel."""
-    from rich.markup import escape
-    from rich.panel import Panel
-    from rich.table import Table
-
-    table = Table.grid(padding=(0, 2))
-    table.add_column(justify="left")
-    table.add_column()
-    for check in verdict["checks"]:
-        mark = "[green]✓ pass[/green]" if check["passed"] else "[red]✗ FAIL[/red]"
-        table.add_row(f"{mark} {escape(check['name'])}", escape(check["detail"]))
-    if verdict.get("coverage") is not None:
-        table.add_row("", "")
-        table.add_row("test coverage", f"{verdict['coverage']:.4f} ({verdict['covered']}/{verdict['n']}); "
-                      f"certificate: >= {verdict['coverage_at_least']:g} ({verdict['guarantee']})")
-        table.add_row("mean set size", f"{verdict['mean_set_size']:.3f}")
-        table.add_row("set sizes", ", ".join(f"{s}: {n}" for s, n in enumerate(verdict["set_size_histogram"]) if n))
-        table.add_row("p-value", f"{verdict['p_value']:.4g} (significance {verdict['significance']:g}; "
-                      f"{verdict['test']})")
-        per_class = verdict.get("per_class_coverage") or []
-        table.add_row("per-class coverage", " ".join("-" if v is None else f"{v:.2f}" for v in per_class))
-    for message in verdict.get("warnings", []):
-        table.add_row("[yellow]! warning[/yellow]", escape(message))
-    title = "certificate holds" if verdict["passed"] else "certificate does NOT hold"
-    console.print(Panel(table, title=f"[bold]{title}[/bold]", border_style="green" if verdict["passed"] else "red"))

@@ -20,6 +20,7 @@ def demo(
     debug: c.Debug = False,
 ) -> None:
     """Train a small CNN on scikit-learn's digits, then score, prune and report it (under a minute on CPU)."""
+    from prunecp_cli import present
     from prunecp_cli.demo import run_demo
 
-    run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=c.console())
+    run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=present.console())

@@ -58,22 +58,16 @@ def report(
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:
-        from prunecp_cli.report import render_markdown
+        from prunecp_cli import present
 
-        text = render_markdown(data)
+        text = present.render_markdown(data)
     else:
-        from prunecp_cli.report import render_table
+        from prunecp_cli import present
 
         if out is None:
-            render_table(data, c.console())
+            present.render_table(data, present.console())
             return
-        import io
-
-        from rich.console import Console
-
-        capture = Console(width=120, file=io.StringIO())
-        render_table(data, capture)
-        text = capture.file.getvalue()
+        text = present.table_text(data)
     if out is None:
         print(text, end="")
     else:

@@ -345,7 +345,7 @@ def test_fuzz_importance(files, tmp_path):
 def test_fuzz_certificate(files, tmp_path):
     from prunecp_cli.conformal.certificate import load_certificate
     from prunecp_cli.conformal.nonconformity import from_parameters
-    from prunecp_cli.report import certificate_rows
+    from prunecp_cli.present import certificate_rows
 
     valid = json.loads(files["cert"].read_text())
     path = tmp_path / "certificate.json"
@@ -377,7 +377,7 @@ def _metadata_text(doc: dict, raw_key: str | None) -> dict[str, str]:
 def _open_and_use(path):
     """What commands do with a model file's metadata: open it, show its provenance, list the data it saw."""
     from prunecp_cli.io.checkpoint import open_model
-    from prunecp_cli.report import provenance_rows
+    from prunecp_cli.present import provenance_rows
     from prunecp_cli.types import UsedData
 
     loaded = open_model(path)
