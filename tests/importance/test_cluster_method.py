@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from testsupport import assert_pruned_digits_model
+from testsupport import assert_flops_kept, assert_pruned_digits_model
 
 from prunecp_cli.importance.base import ImportanceContext
 from prunecp_cli.importance.cluster import (
@@ -136,6 +136,7 @@ def test_prune_with_cluster_end_to_end(tmp_path, cli, trained_digits, digits_fil
                  "-o", pruned)
     assert result.code == 0, result
     assert_pruned_digits_model(pruned)
+    assert_flops_kept(pruned, trained_digits["safetensors"], 0.5)
 
 
 def test_bad_option_is_a_usage_error(cli, trained_digits, digits_files):

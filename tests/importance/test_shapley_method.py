@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from testsupport import assert_pruned_digits_model
+from testsupport import assert_flops_kept, assert_pruned_digits_model
 from torch import nn
 
 from prunecp_cli import load_model
@@ -150,3 +150,4 @@ def test_prune_with_shapley_end_to_end(tmp_path, cli, trained_digits, digits_fil
                  "-o", pruned)
     assert result.code == 0, result
     assert_pruned_digits_model(pruned)
+    assert_flops_kept(pruned, trained_digits["safetensors"], 0.5)
