@@ -59,16 +59,18 @@ def main() -> None:
     for source in ("activation", "weight"):
         options = {"cosine-source": source, "keep": args.keep, "population": args.population,
                    "generations": args.generations}
-        table = api.score(dense, method="cluster", data=files["score"], options=options, seed=args.seed,
-                          device="cpu")
+        table = api.score(dense, files["score"], method="cluster", options=options,
+                          run=api.RunOptions(device="cpu", seed=args.seed))
         tables[source] = {g.name: np.asarray(g.importance) for g in table.groups}
         scores = folder / f"importance-{source}.json"
         scores.write_text(json.dumps(table.to_json()), encoding="utf-8")
         pruned = folder / f"pruned-{source}.safetensors"
-        result = api.prune(dense, pruned, scores=scores, data=files["score"], target_flops=args.keep, device="cpu")
+        on_cpu = api.RunOptions(device="cpu")
+        result = api.prune(dense, pruned, scores=scores, data=files["score"],
+                           pruning=api.PruneOptions(target_flops=args.keep), run=on_cpu)
         cert_path = folder / f"certificate-{source}.json"
-        api.calibrate(pruned, data=files["calib"], alpha=0.1, device="cpu", output=cert_path)
-        verdict = api.certify(pruned, cert=cert_path, data=files["test"], device="cpu")
+        api.calibrate(pruned, files["calib"], alpha=0.1, output=cert_path, run=on_cpu)
+        verdict = api.certify(pruned, files["test"], cert=cert_path, run=on_cpu)
         cut = {name: set(group["removed"]) for name, group in open_model(pruned).meta.plan["groups"].items()}
         rows.append((source, result.flops_ratio, verdict, cut))
 

@@ -109,9 +109,10 @@ def main() -> None:
         for risk, epsilon in RUNS:
             out = folder / f"{risk}-{epsilon}.safetensors"
             try:
-                result = api.prune_confident(
-                    folder / "dense.pt", out, risk_data=folder / "risk.npz", risk=risk, max_risk=epsilon, delta=DELTA,
-                    grid=GRID, granularity="weight", arch=ARCH, input_shape=[1, 28, 28])
+                result = api.prune(
+                    api.ModelSource(folder / "dense.pt", arch=ARCH, input_shape=[1, 28, 28]), out,
+                    pruning=api.PruneOptions(granularity="weight"),
+                    risk=api.RiskOptions(folder / "risk.npz", risk=risk, max_risk=epsilon, delta=DELTA, grid=GRID))
             except CertificationFailed as exc:
                 print(f"{risk:<13} {epsilon:>7.2f} {'none':>9}  ({str(exc).split(';')[0]})")
                 continue

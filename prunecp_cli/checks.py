@@ -21,12 +21,17 @@ MODEL_SUFFIXES = (".safetensors",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
+def _literal(value: Any) -> str:
+    """``repr(value)`` made safe inside an error template."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
+
+
 def open_unit(value: float | None, name: str) -> None:
     """Check that ``value`` (when given) lies strictly between 0 and 1.
 
     Args:
         value: the number, or None when the option was not given.
-        name: the option's name in messages, e.g. ``--alpha``.
+        name: the API argument, e.g. ``alpha`` (the command line shows ``--alpha``).
 
     Raises:
         UsageError: ``value`` is not a finite number in (0, 1).
@@ -35,7 +40,8 @@ def open_unit(value: float | None, name: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 < value < 1.0:
-        raise UsageError(f"{name} {value!r} must lie strictly between 0 and 1, e.g. {name} 0.1")
+        raise UsageError(f"{{arg}} {_literal(value)} must lie strictly between 0 and 1, e.g. {{arg}} 0.1",
+                         arguments={"arg": name})
 
 
 def parse_json_object(text: str | None, *, option: str = "--arch-kwargs") -> dict[str, Any]:
@@ -56,6 +62,11 @@ def parse_json_object(text: str | None, *, option: str = "--arch-kwargs") -> dic
     if not isinstance(value, dict):
         raise UsageError(f'{option} must be a JSON object such as \'{{"num_classes": 10}}\'')
     return value
+
+
+def _text(value: Any) -> str:
+    """``str(value)`` made safe inside an error template."""
+    return str(value).replace("{", "{{").replace("}", "}}")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -80,15 +91,15 @@ def check_output(
     *,
     suffixes: tuple[str, ...],
     inputs: Iterable[tuple[str, str | Path | None]] = (),
-    option: str = "-o",
+    option: str = "output",
 ) -> None:
     """Refuse an output path that would clobber an input, or that has the wrong extension.
 
     Args:
         out: the output path (None: nothing is written; nothing to check).
         suffixes: the extensions this output may have (lower case, with the dot).
-        inputs: ``(option, path)`` of every input the command reads; None paths are skipped.
-        option: the output's option name in messages.
+        inputs: ``(argument, path)`` of every input the command reads; None paths are skipped.
+        option: the output's argument name (the command line shows ``-o``).
 
     Raises:
         UsageError: ``out`` is an input file (or lies inside an input folder), is a folder, or has
@@ -103,14 +114,15 @@ def check_output(
         path = Path(path)
         if _same_file(out, path) or (path.is_dir() and _inside(out, path)):
             where = "is" if _same_file(out, path) else "lies inside"
-            raise UsageError(f"{option} {out} {where} the input {name} {path}; writing it would destroy that "
-                             f"input: choose another {option} path")
+            raise UsageError(f"{{out}} {_text(out)} {where} the input {{inp}} {_text(path)}; writing it would "
+                             "destroy that input: choose another {out} path", arguments={"out": option, "inp": name})
     if out.is_dir():
-        raise UsageError(f"{option} {out} is a folder; give a file name such as {out / ('out' + suffixes[0])}")
+        raise UsageError(f"{{out}} {_text(out)} is a folder; give a file name such as "
+                         f"{_text(out / ('out' + suffixes[0]))}", arguments={"out": option})
     if out.suffix.lower() not in suffixes:
         wanted = " or ".join(suffixes)
-        raise UsageError(f"{option} {out} must end in {wanted} (this command writes {suffixes[0][1:]}); "
-                         f"e.g. {option} {out.with_suffix(suffixes[0]).name}")
+        raise UsageError(f"{{out}} {_text(out)} must end in {wanted} (this command writes {suffixes[0][1:]}); "
+                         f"e.g. {{out}} {_text(out.with_suffix(suffixes[0]).name)}", arguments={"out": option})
 
 
 def parse_shape(text: str | None) -> list[int] | None:

@@ -17,7 +17,6 @@ from prunecp_cli import api, present
 from prunecp_cli.datasets import digits, write_splits
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
 from prunecp_cli.io.data import open_dataset
-from prunecp_cli.io.files import write_json
 from prunecp_cli.models import digits_cnn
 from prunecp_cli.runtime import Reporter, seed_everything
 from prunecp_cli.training import accuracy, train_classifier
@@ -65,28 +64,29 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
     dense_acc = accuracy(model, x_test, y_test)
     console.print(f"trained {ARCH}: test accuracy {dense_acc:.3f} → {dense.name}")
 
+    run = api.RunOptions(seed=seed, reporter=reporter)
+    on_cpu = api.RunOptions(device="cpu", seed=seed, reporter=reporter)
+
     def step(command: str) -> None:
         console.print(f"\n[bold cyan]$ {command}[/bold cyan]")
 
     scores_path = folder / "importance.json"
     step(f"prunecp score {dense.name} --method taylor --data score.npz -o {scores_path.name}")
-    table = api.score(dense, method="taylor", data=paths["score"], seed=seed, reporter=reporter)
-    write_json(scores_path, table.to_json())
+    table = api.score(dense, paths["score"], method="taylor", output=scores_path, run=run)
     console.print(f"scored {sum(g.channels for g in table.groups)} channels in {len(table.groups)} groups")
 
     pruned = folder / "pruned.safetensors"
     step(f"prunecp prune {dense.name} --scores {scores_path.name} --data score.npz "
          f"--target-flops {target_flops} -o {pruned.name}")
-    result = api.prune(dense, pruned, scores=scores_path, data=paths["score"], target_flops=target_flops,
-                       seed=seed, reporter=reporter)
+    result = api.prune(dense, pruned, scores=scores_path, data=paths["score"],
+                       pruning=api.PruneOptions(target_flops=target_flops), run=run)
     pruned_acc = accuracy(api.load_model(pruned), x_test, y_test)
     console.print(f"FLOPs kept {result.flops_ratio:.3f}, params kept {result.params_ratio:.3f}; "
                   f"test accuracy {dense_acc:.3f} → {pruned_acc:.3f}")
 
     cert_path = folder / "certificate.json"
     step(f"prunecp calibrate {pruned.name} --data calib.npz --alpha 0.1 -o {cert_path.name}")
-    cert = api.calibrate(pruned, data=paths["calib"], alpha=0.1, output=cert_path, device="cpu", seed=seed,
-                         reporter=reporter)
+    cert = api.calibrate(pruned, paths["calib"], alpha=0.1, output=cert_path, run=on_cpu)
     claim = cert["guarantee"]
     upper = "" if claim["coverage_at_most"] is None else f" and at most {claim['coverage_at_most']:.4f}"
     console.print(f"q̂ = {cert['quantile']:.4f} from n = {cert['data']['n']} calibration points: {claim['type']} "
@@ -94,11 +94,11 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
                   f"{cert['calibration']['mean_set_size']:.2f}")
 
     step(f"prunecp certify {pruned.name} --cert {cert_path.name} --data test.npz")
-    verdict = api.certify(pruned, cert=cert_path, data=paths["test"], device="cpu", reporter=reporter)
+    verdict = api.certify(pruned, paths["test"], cert=cert_path, run=on_cpu)
     present.render_verdict(verdict, console)
 
     step(f"prunecp report {pruned.name} --cert {cert_path.name}")
-    report = api.report(pruned, device="cpu", repeats=10, cert=cert_path, reporter=reporter)
+    report = api.report(pruned, repeats=10, cert=cert_path, run=on_cpu)
     present.render_table(report, console)
 
     elapsed = time.perf_counter() - started

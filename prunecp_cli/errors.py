@@ -15,9 +15,25 @@ from __future__ import annotations
 
 
 class PrunecpError(Exception):
-    """Base class of every error prunecp reports to a user."""
+    """Base class of every error prunecp reports to a user.
+
+    A message about an API argument names it as the API does (``target_flops``), and the command
+    line shows the flag instead (``--target-flops``): such a message is a template with ``{name}``
+    fields and ``arguments`` maps each field to its argument (see :meth:`render`).
+    """
 
     exit_code: int = 1
+
+    def __init__(self, message: str = "", *, arguments: dict[str, str] | None = None) -> None:
+        self.template = message
+        self.arguments = dict(arguments or {})
+        super().__init__(message.format(**self.arguments) if self.arguments else message)
+
+    def render(self, name_of) -> str:
+        """The message with every argument named by ``name_of(argument)`` (e.g. its command-line flag)."""
+        if not self.arguments:
+            return str(self)
+        return self.template.format(**{key: name_of(arg) for key, arg in self.arguments.items()})
 
 
 class UsageError(PrunecpError):

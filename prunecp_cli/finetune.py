@@ -29,7 +29,6 @@ of each epoch's (identical) permutation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,63 +38,11 @@ from torch import nn
 from prunecp_cli import dist
 from prunecp_cli.conformal.quantile import min_calibration_size
 from prunecp_cli.conformal.smooth import conftr_loss
-from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import Dataset
+from prunecp_cli.options import LOSSES, FinetuneConfig  # noqa: E402,F401  (re-exported)
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
 from prunecp_cli.training import train_epochs
-
-LOSSES = ("ce", "conftr")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Fine-tuning settings (see the module docstring for the defaults' sources).
-
-    Attributes:
-        epochs: passes over the fine-tuning data.
-        lr: peak learning rate (cosine-annealed to 0).
-        momentum: SGD Nesterov momentum.
-        weight_decay: L2 weight decay.
-        batch_size: examples per step (per process under torchrun).
-        loss: ``ce`` or ``conftr``.
-        conftr_alpha: ConfTr's training miscoverage.
-        conftr_temperature: ConfTr's sigmoid temperature T.
-        conftr_size_weight: ConfTr's λ on the size loss.
-        ce_weight: weight of cross-entropy added to the ConfTr objective.
-        seed: shuffling and batch-split seed.
-    """
-
-    epochs: int = 2
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    loss: str = "ce"
-    conftr_alpha: float = 0.01
-    conftr_temperature: float = 0.5
-    conftr_size_weight: float = 0.5
-    ce_weight: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
-        if self.epochs < 0:
-            raise UsageError(f"--epochs {self.epochs} must be at least 0")
-        if self.lr <= 0:
-            raise UsageError(f"--lr {self.lr} must be positive")
-        if self.loss == "conftr":
-            need = 2 * min_calibration_size(self.conftr_alpha)
-            if self.batch_size < need:
-                raise UsageError(
-                    f"--loss conftr at training alpha {self.conftr_alpha} needs batches of at least {need} "
-                    f"(half of each batch calibrates); got --finetune-batch-size {self.batch_size}"
-                )
-
-    def to_json(self) -> dict:
-        """The settings as a JSON object (recorded in the model metadata)."""
-        return asdict(self)
 
 
 def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,

@@ -10,61 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunecp_cli.errors import ScoresError, UsageError
+from prunecp_cli.errors import ScoresError
 from prunecp_cli.io.metadata import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
 
 IMPORTANCE_SCHEMA_VERSION = 1
-
-
-CHANNEL_CHOICES = (1, 3)
-"""The channel counts ``--channels`` converts between."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How pixels are turned into model inputs.
-
-    Attributes:
-        image_size: for folders, resize the short side and centre-crop to this size (None: as stored).
-        mean: per-channel means subtracted after scaling to [0, 1] (None: no normalisation); one value
-            (used for every channel) or one per channel.
-        std: per-channel standard deviations divided by, counted like ``mean``.
-        channels: convert inputs to this many channels, 1 or 3 (None: as stored; folders: see the
-            module docstring).
-
-    Raises:
-        UsageError: ``channels`` is not 1 or 3, or a ``std`` value is not positive.
-    """
-
-    image_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    channels: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.channels is not None and self.channels not in CHANNEL_CHOICES:
-            raise UsageError(f"--channels {self.channels}: give 1 (grayscale) or 3 (RGB)")
-        if self.std is not None and any(not v > 0 for v in self.std):
-            raise UsageError(f"--std {','.join(f'{v:g}' for v in self.std)}: standard deviations must be positive")
-
-    def check_channels(self, channels: int, path: Path, *, hint: str = "") -> None:
-        """Check that ``mean`` and ``std`` fit inputs of ``channels`` channels.
-
-        Args:
-            channels: channel count of the model inputs built from the data.
-            path: the data, named in the message.
-            hint: text appended to the message (e.g. a layout hint).
-
-        Raises:
-            UsageError: ``mean`` or ``std`` has neither one value nor one per channel.
-        """
-        for option, values in (("--mean", self.mean), ("--std", self.std)):
-            if values is not None and len(values) not in (1, channels):
-                raise UsageError(
-                    f"{option} gives {len(values)} values but {path} has {channels} channel"
-                    f"{'' if channels == 1 else 's'}; give one value "
-                    f"per channel (or one for all){hint}"
-                )
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ def test_distributed_score_equals_single_process(tmp_path, trained_digits, digit
     out = tmp_path / "dist.json"
     _torchrun("score", trained_digits["safetensors"], "--method", "taylor", "--data", digits_files["score"],
               "--batch-size", "32", "-o", out)
-    single = api.score(trained_digits["safetensors"], method="taylor", data=digits_files["score"], batch_size=32,
-                       device="cpu")
+    single = api.score(trained_digits["safetensors"], digits_files["score"], method="taylor",
+                       run=api.RunOptions(device="cpu", batch_size=32))
     both = json.loads(out.read_text())
     assert [g["name"] for g in both["groups"]] == [g.name for g in single.groups]
     for theirs, ours in zip(both["groups"], single.groups, strict=True):
@@ -39,11 +39,11 @@ def test_distributed_score_equals_single_process(tmp_path, trained_digits, digit
 
 def test_distributed_prune_equals_single_process(tmp_path, trained_digits, digits_files):
     out = tmp_path / "dist.safetensors"
-    args = dict(method="taylor", data=digits_files["score"], target_flops=0.5, batch_size=32)
+    args = dict(method="taylor", data=digits_files["score"], pruning=api.PruneOptions(target_flops=0.5))
     _torchrun("prune", trained_digits["safetensors"], "--method", "taylor", "--data", digits_files["score"],
               "--target-flops", "0.5", "--batch-size", "32", "-o", out)
     single_path = tmp_path / "single.safetensors"
-    api.prune(trained_digits["safetensors"], single_path, device="cpu", **args)
+    api.prune(trained_digits["safetensors"], single_path, run=api.RunOptions(device="cpu", batch_size=32), **args)
     dist_model, single_model = open_model(out), open_model(single_path)
     assert dist_model.meta.plan["groups"] == single_model.meta.plan["groups"]
     a, b = dist_model.model.state_dict(), single_model.model.state_dict()

@@ -212,8 +212,8 @@ def score_method(dense: Path, method: str, splits: dict[str, Path], folder: Path
     name = method + (f"-keep{keep}" if keep is not None else "") + (f"-seed{seed}" if seed else "")
     path = folder / f"importance-{name}.json"
     start = time.perf_counter()
-    table = api.score(dense, method=method, data=splits["score"], options=options, max_samples=max_samples,
-                      seed=seed)
+    table = api.score(dense, api.DataSource(splits["score"], max_samples=max_samples), method=method, options=options,
+                      run=api.RunOptions(seed=seed))
     seconds = time.perf_counter() - start
     write_json(path, table.to_json())
     return {"path": path, "seconds": seconds, "options": options, "max_samples": max_samples,
@@ -233,7 +233,8 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
     out = folder / f"{tag}.safetensors"
     try:
         start = time.perf_counter()
-        result = api.prune(dense, out, scores=scores, data=splits["score"], target_flops=budget, scope=scope)
+        result = api.prune(dense, out, scores=scores, data=splits["score"],
+                           pruning=api.PruneOptions(target_flops=budget, scope=scope))
         row["prune_seconds"] = time.perf_counter() - start
         row["warnings"] = list(result.warnings)
         row["channels"] = {k: list(v) for k, v in result.channels.items()}
@@ -252,11 +253,8 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
                  epochs: int, steps: int, dense_flops: int, label: str, draws: int) -> dict[str, Any]:
     """Prune with ``FT_METHOD`` to ``budget`` in ``steps`` steps with fine-tuning on the train split."""
     from prunecp_cli import api
-    from prunecp_cli.finetune import FinetuneConfig
-    from prunecp_cli.io.data import open_dataset
-    from prunecp_cli.pipeline.schedule import Schedule
 
-    config = FinetuneConfig(epochs=epochs, loss=loss, seed=0)
+    config = api.FinetuneConfig(epochs=epochs, loss=loss, seed=0)
     row: dict[str, Any] = {"model": model, "method": FT_METHOD, "budget": budget, "scope": FT_SCOPE,
                            "schedule": label, "steps": steps, "loss": loss, "epochs_per_step": epochs,
                            "epochs_total": epochs * steps, "finetune": config.to_json(),
@@ -264,10 +262,10 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
     tag = f"{model}-ft-{label.replace(' ', '_')}-{loss}-{epochs}ep"
     out = folder / f"{tag}.safetensors"
     try:
-        schedule = Schedule(steps=steps, finetune=config, finetune_data=open_dataset(splits["train"]))
         start = time.perf_counter()
-        result = api.prune(dense, out, method=FT_METHOD, data=splits["score"], target_flops=budget,
-                           scope=FT_SCOPE, schedule=schedule, seed=0)
+        result = api.prune(dense, out, method=FT_METHOD, data=splits["score"],
+                           pruning=api.PruneOptions(target_flops=budget, scope=FT_SCOPE), steps=steps,
+                           finetune=config, finetune_data=splits["train"], run=api.RunOptions(seed=0))
         row["seconds"] = time.perf_counter() - start
         row["schedule_log"] = result.extra.get("schedule")
         row["warnings"] = list(result.warnings)

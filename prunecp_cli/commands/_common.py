@@ -102,6 +102,14 @@ Opt = Annotated[
 ]
 
 
+_FLAGS = {"output": "-o", "checkpoint": "CHECKPOINT", "model": "MODEL"}
+
+
+def flag(argument: str) -> str:
+    """The command-line name of an API argument: ``target_flops`` → ``--target-flops``, ``output`` → ``-o``."""
+    return _FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
 def fail(message: str, code: int) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     print(f"prunecp: error: {message}", file=sys.stderr)
@@ -128,7 +136,7 @@ def cli_command(func):
                 import traceback
 
                 traceback.print_exc()
-            raise fail(str(exc), exc.exit_code) from None
+            raise fail(exc.render(flag), exc.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except Exception as exc:  # a bug: say so, briefly
@@ -150,8 +158,8 @@ def preprocess(
     image_size: int | None, mean: str | None, std: str | None, channels: ChannelCount | int | None = None
 ):
     """Build the data preprocessing from the Data options (no torch import: it runs before any loading)."""
+    from prunecp_cli.api import Preprocess
     from prunecp_cli.checks import parse_floats
-    from prunecp_cli.types import Preprocess
 
     return Preprocess(image_size=image_size, mean=parse_floats(mean, option="--mean"),
                       std=parse_floats(std, option="--std"),
@@ -160,22 +168,39 @@ def preprocess(
 
 def reporter(quiet: bool, verbose: bool = False, *, results_to_stderr: bool = False):
     """The reporter of a CLI run: result lines on stdout (stderr when stdout carries machine output)."""
-    from prunecp_cli.reporting import Reporter
+    from prunecp_cli.api import Reporter
 
     return Reporter.for_cli(quiet, verbose=verbose, results_to_stderr=results_to_stderr)
 
 
-def arch_kwargs(text: str | None) -> dict:
+def parse_kwargs(text: str | None) -> dict:
     """Parse --arch-kwargs (no torch import: it runs before any model is loaded)."""
     return checks.parse_json_object(text, option="--arch-kwargs")
 
 
-def check_output(out, suffixes: tuple[str, ...], *inputs: tuple[str, object]) -> None:
-    """Refuse an ``-o`` that is an input or has the wrong extension (see :func:`checks.check_output`)."""
-    checks.check_output(out, suffixes=suffixes, inputs=inputs)
+def model_source(checkpoint, arch: str | None, kwargs_json: str | None, input_shape: str | None = None,
+                 trust_arch: bool = False):
+    """The :class:`~prunecp_cli.options.ModelSource` of the Model options (torch-free)."""
+    from prunecp_cli.api import ModelSource
+
+    return ModelSource(checkpoint, arch=arch, arch_kwargs=parse_kwargs(kwargs_json),
+                       input_shape=checks.parse_shape(input_shape), trust_arch=trust_arch)
 
 
-def check_unit(**values: float | None) -> None:
-    """Check options that must lie in (0, 1), given as ``name=value`` (``max_risk`` → ``--max-risk``)."""
-    for name, value in values.items():
-        checks.open_unit(value, "--" + name.replace("_", "-"))
+def data_source(path, image_size: int | None, mean: str | None, std: str | None, channels=None,
+                max_samples: int | None = None):
+    """The :class:`~prunecp_cli.options.DataSource` of the Data options, or None without a path (torch-free)."""
+    from prunecp_cli.api import DataSource
+
+    if path is None:
+        return None
+    return DataSource(path, preprocess=preprocess(image_size, mean, std, channels), max_samples=max_samples)
+
+
+def run_options(device: str, batch_size: int | None, seed: int = 0, *, quiet: bool, verbose: bool = False,
+                results_to_stderr: bool = False):
+    """The :class:`~prunecp_cli.options.RunOptions` of the Run options, with the CLI's reporter."""
+    from prunecp_cli.api import RunOptions
+
+    return RunOptions(device=device, batch_size=batch_size, seed=seed,
+                      reporter=reporter(quiet, verbose, results_to_stderr=results_to_stderr))

@@ -61,18 +61,15 @@ def calibrate(
     debug: c.Debug = False,
 ) -> None:
     """Calibrate the model's conformal prediction sets on held-out data and write a certificate."""
-    c.check_output(out, c.checks.JSON_SUFFIXES, ("MODEL", model), ("--data", data))
-    c.check_unit(alpha=alpha, delta=delta)
-    kwargs = c.arch_kwargs(arch_kwargs)
-    pre = c.preprocess(image_size, mean, std, channels)
     from prunecp_cli import api
 
-    rep = c.reporter(quiet)
+    run = c.run_options(device, batch_size, seed, quiet=quiet)
+    rep = run.rep
     cert = api.calibrate(
-        model, data=data, alpha=alpha, delta=delta, nonconformity=nonconformity.value, randomized=randomized,
-        k_reg=k_reg, lambda_reg=lambda_reg, class_conditional=class_conditional, output=out, arch=arch,
-        arch_kwargs=kwargs, preprocess=pre,
-        device=device, batch_size=batch_size, seed=seed, reporter=rep, trust_arch=trust_arch,
+        c.model_source(model, arch, arch_kwargs, trust_arch=trust_arch),
+        c.data_source(data, image_size, mean, std, channels), alpha=alpha, delta=delta,
+        nonconformity=nonconformity.value, randomized=randomized, k_reg=k_reg, lambda_reg=lambda_reg,
+        class_conditional=class_conditional, output=out, run=run,
     )
     q = cert["quantile"]
     shown = f"{len(q)} per-class thresholds" if isinstance(q, list) else f"q̂ = {q:.6g}"

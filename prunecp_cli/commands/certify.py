@@ -32,20 +32,13 @@ def certify(
     debug: c.Debug = False,
 ) -> None:
     """Check the model hash and test the certificate's coverage on held-out data (exit 0 holds, 4 does not)."""
-    c.check_unit(significance=significance)
-    kwargs = c.arch_kwargs(arch_kwargs)
-    pre = c.preprocess(image_size, mean, std, channels)
     from prunecp_cli import api
-    from prunecp_cli.dist import rank
     from prunecp_cli.errors import CertificationFailed
-    from prunecp_cli.pipeline.certification import failure_message
 
-    verdict = api.certify(model, cert=cert, data=data, significance=significance, arch=arch,
-                          arch_kwargs=kwargs,
-                          preprocess=pre,
-                          device=device, batch_size=batch_size, reporter=c.reporter(quiet, results_to_stderr=as_json),
-                          trust_arch=trust_arch)
-    if rank() == 0:
+    verdict = api.certify(c.model_source(model, arch, arch_kwargs, trust_arch=trust_arch),
+                          c.data_source(data, image_size, mean, std, channels), cert=cert, significance=significance,
+                          run=c.run_options(device, batch_size, quiet=quiet, results_to_stderr=as_json))
+    if api.is_main_process():
         if as_json:
             import json
 
@@ -55,4 +48,4 @@ def certify(
 
             present.render_verdict(verdict, present.console())
     if not verdict["passed"]:
-        raise CertificationFailed(failure_message(verdict))
+        raise CertificationFailed(api.failure_message(verdict))

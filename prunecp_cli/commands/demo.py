@@ -20,7 +20,6 @@ def demo(
     debug: c.Debug = False,
 ) -> None:
     """Train a small CNN on scikit-learn's digits, then score, prune and report it (under a minute on CPU)."""
-    from prunecp_cli import present
-    from prunecp_cli.demo import run_demo
+    from prunecp_cli import api, present
 
-    run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=present.console())
+    api.run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=present.console())

@@ -35,24 +35,19 @@ def predict(
     import json
     import sys
 
-    c.check_output(out, c.checks.JSONL_SUFFIXES, ("MODEL", model), ("--cert", cert), ("--data", data),
-                   ("--class-names", class_names))
-    kwargs = c.arch_kwargs(arch_kwargs)
-    pre = c.preprocess(image_size, mean, std, channels)
-    from prunecp_cli.dist import rank
-    from prunecp_cli.io.files import atomic_write_path
-    from prunecp_cli.pipeline.prediction import open_prediction
+    from prunecp_cli import api
 
-    rep = c.reporter(quiet, results_to_stderr=out is None)
-    run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch,
-                          arch_kwargs=kwargs,
-                          preprocess=pre,
-                          device=device, batch_size=batch_size, reporter=rep, trust_arch=trust_arch)
-    if rank() != 0:
+    run = c.run_options(device, batch_size, quiet=quiet, results_to_stderr=out is None)
+    model_source = c.model_source(model, arch, arch_kwargs, trust_arch=trust_arch)
+    data_source = c.data_source(data, image_size, mean, std, channels)
+    api.check_output(out, suffixes=api.JSONL_SUFFIXES, inputs=[("model", model), ("cert", cert), ("data", data),
+                                                              ("class_names", class_names)])
+    prediction = api.open_prediction(model_source, data_source, cert=cert, class_names=class_names, run=run)
+    if not api.is_main_process():
         return
     if out is None:
         try:
-            for record in run.records():
+            for record in prediction.records():
                 sys.stdout.write(json.dumps(record, allow_nan=False) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:  # `prunecp predict ... | head`: the reader left, which is not an error
@@ -60,9 +55,5 @@ def predict(
 
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    count = 0
-    with atomic_write_path(out) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for record in run.records():
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
-            count += 1
-    rep.info(f"wrote {out}: {count} prediction sets")
+    count = api.write_jsonl(out, prediction.records())
+    run.rep.info(f"wrote {out}: {count} prediction sets")

@@ -124,57 +124,36 @@ def prune(
 
     With --risk-data, prune as far as Learn-then-Test certifies: P(risk <= --max-risk) >= 1 - --delta.
     """
-    options = registry.parse_options(method, opt) if method else None
-    c.check_output(out, c.checks.MODEL_SUFFIXES, ("CHECKPOINT", checkpoint), ("--scores", scores), ("--data", data),
-                   ("--risk-data", risk_data), ("--cert", cert), ("--finetune-data", finetune_data))
-    c.check_unit(ratio=ratio, target_flops=target_flops, max_risk=max_risk, delta=delta,
-                 max_layer_ratio=max_layer_ratio, conftr_alpha=conftr_alpha)
-    kwargs = c.arch_kwargs(arch_kwargs)
-    pre = c.preprocess(image_size, mean, std, channels)
-    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
 
-    rep = c.reporter(quiet, verbose)
-    common = dict(
-        scores=scores, method=method, data=data, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to,
-        protect=protect, ignore=tuple(ignore or ()), bn_recalibrate=bn_recalibrate, arch=arch,
-        arch_kwargs=kwargs, input_shape=shape, options=options,
-        device=device, batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=pre,
-        reporter=rep, granularity=granularity, trust_arch=trust_arch,
-    )
-    schedule = None
-    if finetune_data is not None or steps > 1:
-        from prunecp_cli.finetune import FinetuneConfig
-        from prunecp_cli.io.data import open_dataset
-        from prunecp_cli.pipeline.schedule import Schedule
-
-        config = None if finetune_data is None else FinetuneConfig(
-            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=finetune_batch_size, loss=loss,
-            conftr_alpha=conftr_alpha, conftr_temperature=conftr_temperature, conftr_size_weight=conftr_size_weight,
-            ce_weight=ce_weight, seed=seed)
-        tune_set = None if finetune_data is None else open_dataset(finetune_data, preprocess=pre)
-        schedule = Schedule(steps=steps, finetune=config, finetune_data=tune_set)
-    risk_options = {"--max-risk": max_risk, "--delta": delta, "--risk": risk, "--grid": grid, "--grid-kind": grid_kind,
-                    "--pvalue": pvalue, "--max-set-size": max_set_size, "--cert": cert}
-    if risk_data is None:
-        given = [flag for flag, value in risk_options.items() if value is not None]
-        if given:
-            raise UsageError(f"{given[0]} belongs to risk control and needs --risk-data, the data Learn-then-Test "
-                             "certifies on")
-        result = api.prune(checkpoint, out, ratio=ratio, target_flops=target_flops, schedule=schedule, **common)
-    else:
-        if schedule is not None:
-            raise UsageError("--risk-data certifies one-shot pruning levels; drop --finetune-data and --steps")
-        if ratio is not None or target_flops is not None:
-            raise UsageError("--ratio and --target-flops fix one level, but with --risk-data the level is the largest "
-                             "certified one on --grid; drop them (use --grid-kind flops for FLOPs levels)")
-        result = api.prune_confident(
-            checkpoint, out, risk_data=risk_data, max_risk=max_risk, delta=0.05 if delta is None else delta,
-            risk=risk or "disagreement", grid=grid, grid_kind=grid_kind or "ratio", pvalue_method=pvalue,
-            max_set_size=max_set_size, cert=cert, **common,
-        )
-        control = result.extra["risk_control"]
-        rep.info(f"certified: {control['level_text']}. {control['statement']}")
+    options = registry.parse_options(method, opt) if method else None
+    risk_flags = {"--max-risk": max_risk, "--delta": delta, "--risk": risk, "--grid": grid, "--grid-kind": grid_kind,
+                  "--pvalue": pvalue, "--max-set-size": max_set_size, "--cert": cert}
+    given = [name for name, value in risk_flags.items() if value is not None]
+    if risk_data is None and given:
+        raise UsageError(f"{given[0]} belongs to risk control and needs --risk-data, the data Learn-then-Test "
+                         "certifies on")
+    control = None if risk_data is None else api.RiskOptions(
+        risk_data, max_risk=max_risk, delta=0.05 if delta is None else delta, risk=risk or "disagreement",
+        grid=grid, grid_kind=grid_kind or "ratio", pvalue=pvalue, max_set_size=max_set_size, cert=cert)
+    finetune = None if finetune_data is None else api.FinetuneConfig(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=finetune_batch_size, loss=loss,
+        conftr_alpha=conftr_alpha, conftr_temperature=conftr_temperature, conftr_size_weight=conftr_size_weight,
+        ce_weight=ce_weight, seed=seed)
+    pruning = api.PruneOptions(ratio=ratio, target_flops=target_flops, scope=scope, max_layer_ratio=max_layer_ratio,
+                               round_to=round_to, protect=protect, ignore=tuple(ignore or ()),
+                               bn_recalibrate=bn_recalibrate, granularity=granularity)
+    run = c.run_options(device, batch_size, seed, quiet=quiet, verbose=verbose)
+    rep = run.rep
+    result = api.prune(c.model_source(checkpoint, arch, arch_kwargs, input_shape, trust_arch), out, scores=scores,
+                       method=method, options=options, data=c.data_source(data, image_size, mean, std, channels,
+                                                                          max_samples),
+                       pruning=pruning, steps=steps, finetune=finetune,
+                       finetune_data=c.data_source(finetune_data, image_size, mean, std, channels),
+                       risk=control, run=run)
+    if control is not None:
+        record = result.extra["risk_control"]
+        rep.info(f"certified: {record['level_text']}. {record['statement']}")
     sparsity = result.extra.get("sparsity")
     if sparsity:
         rep.info(f"zeroed {sparsity['zeroed']:,} of {sparsity['total']:,} weights ({sparsity['zeroed_fraction']:.1%}); "

@@ -43,18 +43,13 @@ def report(
     """Tables of channels, parameters, FLOPs (fvcore, 1 multiply-add = 1 FLOP) and measured latency."""
     import json
 
-    suffixes = {Format.json: c.checks.JSON_SUFFIXES, Format.markdown: (".md", ".markdown"),
-                Format.table: (".txt",)}[fmt]
-    c.check_output(out, suffixes, ("MODEL", model), ("--baseline", baseline), ("--cert", cert))
-    kwargs = c.arch_kwargs(arch_kwargs)
-    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
-    from prunecp_cli.io.files import write_text
 
-    data = api.report(model, baseline=baseline, arch=arch, arch_kwargs=kwargs,
-                      input_shape=shape, device=device, batch_size=batch_size, repeats=repeats,
-                      latency=latency, cert=cert, reporter=c.reporter(quiet, results_to_stderr=out is None),
-                      trust_arch=trust_arch)
+    suffixes = {Format.json: api.JSON_SUFFIXES, Format.markdown: (".md", ".markdown"), Format.table: (".txt",)}[fmt]
+    api.check_output(out, suffixes=suffixes, inputs=[("model", model), ("baseline", baseline), ("cert", cert)])
+    data = api.report(c.model_source(model, arch, arch_kwargs, input_shape, trust_arch), baseline=baseline, cert=cert,
+                      latency=latency, repeats=repeats,
+                      run=c.run_options(device, batch_size, quiet=quiet, results_to_stderr=out is None))
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:
@@ -71,4 +66,4 @@ def report(
     if out is None:
         print(text, end="")
     else:
-        write_text(out, text)
+        api.write_text(out, text)

@@ -46,25 +46,13 @@ def score(
     debug: c.Debug = False,
 ) -> None:
     """Score every channel of every prunable conv group (higher = more important) into importance.json."""
-    options = registry.parse_options(method, opt)
-    c.check_output(out, c.checks.JSON_SUFFIXES, ("CHECKPOINT", checkpoint), ("--data", data))
-    kwargs = c.arch_kwargs(arch_kwargs)
-    pre = c.preprocess(image_size, mean, std, channels)
-    shape = c.checks.parse_shape(input_shape)
     from prunecp_cli import api
-    from prunecp_cli.io.files import write_json
 
-    rep = c.reporter(quiet, verbose)
-    table = api.score(
-        checkpoint, method=method, data=data, arch=arch, arch_kwargs=kwargs,
-        input_shape=shape, options=options, ignore=tuple(ignore or ()), device=device,
-        batch_size=batch_size, seed=seed, max_samples=max_samples,
-        preprocess=pre,
-        reporter=rep, trust_arch=trust_arch,
-    )
-    from prunecp_cli.dist import rank
-
-    if rank() == 0:
-        write_json(out, table.to_json())
+    options = registry.parse_options(method, opt)
+    run = c.run_options(device, batch_size, seed, quiet=quiet, verbose=verbose)
+    table = api.score(c.model_source(checkpoint, arch, arch_kwargs, input_shape, trust_arch),
+                      c.data_source(data, image_size, mean, std, channels, max_samples), method=method,
+                      options=options, ignore=tuple(ignore or ()), output=out, run=run)
+    if api.is_main_process():
         channels = sum(g.channels for g in table.groups)
-        rep.info(f"wrote {out}: {len(table.groups)} groups, {channels} channels, method {method}")
+        run.rep.info(f"wrote {out}: {len(table.groups)} groups, {channels} channels, method {method}")

@@ -36,7 +36,7 @@ from prunecp_cli.errors import DataError, UsageError
 from prunecp_cli.io.files import sha256_path
 from prunecp_cli.io.images import IMAGE_SUFFIXES, find_images, image_channels, load_image, load_images
 from prunecp_cli.io.pixels import channels_last_hint, convert_channels, to_float
-from prunecp_cli.types import CHANNEL_CHOICES, Preprocess  # noqa: F401  (re-exported)
+from prunecp_cli.options import CHANNEL_CHOICES, Preprocess  # noqa: F401  (re-exported)
 
 
 @dataclass

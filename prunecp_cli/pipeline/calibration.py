@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from prunecp_cli import dist
-from prunecp_cli.checks import JSON_SUFFIXES, check_output
 from prunecp_cli.conformal.certificate import build_certificate, class_conditional_guarantee
 from prunecp_cli.conformal.nonconformity import (
     NONCONFORMITY,
@@ -52,12 +51,13 @@ from prunecp_cli.conformal.quantile import (
 )
 from prunecp_cli.conformal.stats import coverage, mean_set_size, per_class_coverage, set_size_histogram
 from prunecp_cli.errors import CalibrationError, DataError, UsageError
-from prunecp_cli.io.data import Preprocess, split_indices
+from prunecp_cli.io.data import split_indices
 from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.io.files import write_json
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
+from prunecp_cli.options import DataSource, ModelSource, RunOptions
 from prunecp_cli.pipeline.inference import collect_logits
-from prunecp_cli.pipeline.session import Session, open_session
+from prunecp_cli.pipeline.session import Session, open_source
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.types import UsedData
 
@@ -289,9 +289,9 @@ def _check_probability(name: str, value: float | None) -> None:
 
 
 def calibrate(
-    model: str | Path,
+    model: str | Path | ModelSource,
+    data: str | Path | DataSource,
     *,
-    data: str | Path,
     alpha: float = 0.1,
     delta: float | None = None,
     nonconformity: str = "lac",
@@ -301,19 +301,12 @@ def calibrate(
     class_conditional: bool = False,
     tune_fraction: float = TUNE_FRACTION,
     output: str | Path | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    preprocess: Preprocess | None = None,
-    device: str = "auto",
-    batch_size: int = 256,
-    seed: int = 0,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    run: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """Calibrate ``model`` on the calibration split and return (and optionally write) its certificate.
 
     Args:
-        model: A prunecp model file, or a dense checkpoint with ``arch``.
+        model: A prunecp model file, or a dense checkpoint (a :class:`ModelSource` with ``arch``).
         data: The calibration split (labelled; never seen by the model).
         alpha: Target miscoverage in (0, 1).
         delta: With it, the training-conditional (PAC) guarantee at confidence ``1 - delta``.
@@ -324,14 +317,8 @@ def calibrate(
         class_conditional: One threshold per class (Mondrian), each class with its own guarantee.
         tune_fraction: Share of the calibration file held out to choose RAPS ``k_reg``.
         output: Write the certificate here (atomically, rank 0 only).
-        arch: Architecture spec for dense checkpoints.
-        arch_kwargs: Its keyword arguments.
-        preprocess: Image-folder preprocessing.
-        device: Compute device.
-        batch_size: Examples per forward pass.
-        seed: Seed of randomised scores and of the ``k_reg`` hold-out.
-        reporter: Progress and messages.
-        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
+        run: Device, batch size (default 256), seed (of randomised scores and of the ``k_reg``
+            hold-out) and reporter.
 
     Returns:
         The certificate dict (design.md §4).
@@ -341,14 +328,14 @@ def calibrate(
         CalibrationError: Data the model already used, or too few points (naming the smallest n).
         DataError: Unlabelled data, or labels outside the model's classes.
     """
-    check_output(output, suffixes=JSON_SUFFIXES, inputs=[("model", model), ("data", data)])
+    model, data = ModelSource.of(model), DataSource.of(data)
+    batch_size, seed, reporter = run.batch(256), run.seed, run.rep
     _check_probability("alpha", alpha)
     _check_probability("delta", delta)
     if not 0 < tune_fraction < 1:
         raise UsageError(f"tune_fraction={tune_fraction} must lie in (0, 1)")
     score = make_nonconformity(nonconformity, randomized=randomized, k_reg=k_reg, lambda_reg=lambda_reg, seed=seed)
-    session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device, need_labels=True, trust_arch=trust_arch)
+    session = open_source(model, data, device=run.device, need_labels=True)
     dataset = session.data
     check_unused(dataset.sha256, session.used_data(), file=dataset.path.name)
     weights = weights_sha256(session.model)

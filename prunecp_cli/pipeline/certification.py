@@ -35,11 +35,10 @@ from prunecp_cli.conformal.predictor import CERTIFY_STREAM, certificate_threshol
 from prunecp_cli.conformal.quantile import decimal_fraction
 from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value_pac
 from prunecp_cli.errors import CalibrationError, DataError
-from prunecp_cli.io.data import Preprocess
+from prunecp_cli.options import DataSource, ModelSource, RunOptions
 from prunecp_cli.pipeline.calibration import check_labels, check_unused, set_metrics
 from prunecp_cli.pipeline.inference import collect_logits
-from prunecp_cli.pipeline.session import open_session
-from prunecp_cli.runtime import SILENT, Reporter
+from prunecp_cli.pipeline.session import open_source
 
 __all__ = ["certify", "failure_message", "verdict_from_logits"]
 
@@ -194,33 +193,21 @@ def failure_message(verdict: dict[str, Any]) -> str:
 
 
 def certify(
-    model: str | Path,
+    model: str | Path | ModelSource,
+    data: str | Path | DataSource,
     *,
     cert: str | Path | dict[str, Any],
-    data: str | Path,
     significance: float = 0.01,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    preprocess: Preprocess | None = None,
-    device: str = "auto",
-    batch_size: int = 256,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    run: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """Audit ``cert`` for ``model`` on the held-out test split ``data``.
 
     Args:
-        model: The certified model file.
-        cert: The certificate (path or dict).
+        model: The certified model file (a path, or a :class:`ModelSource`).
         data: The test split: labelled, and disjoint from calibration and from everything the model used.
+        cert: The certificate (path or dict).
         significance: Fail the coverage test when its p-value is below this.
-        arch: Architecture spec for a dense checkpoint.
-        arch_kwargs: Its keyword arguments.
-        preprocess: Image-folder preprocessing.
-        device: Compute device.
-        batch_size: Examples per forward pass.
-        reporter: Progress and messages.
-        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
+        run: Device, batch size (default 256) and reporter.
 
     Returns:
         The verdict (see :func:`verdict_from_logits`) with ``model``, ``data`` and ``certificate``
@@ -235,8 +222,9 @@ def certify(
     """
     decimal_fraction(significance, name="significance")
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
-    session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device, need_labels=True, trust_arch=trust_arch)
+    model, data = ModelSource.of(model), DataSource.of(data)
+    batch_size, reporter = run.batch(256), run.rep
+    session = open_source(model, data, device=run.device, need_labels=True)
     dataset, loaded = session.data, session.loaded
     if dataset.sha256 == certificate["data"]["sha256"]:
         raise CalibrationError(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,25 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecp_cli.checks import MODEL_SUFFIXES, check_output
 from prunecp_cli.errors import CalibrationError, CertificationFailed, DataError, PlanError, UsageError
-from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
+from prunecp_cli.io.data import Dataset, open_dataset
 from prunecp_cli.measure import flops_by_module
+from prunecp_cli.options import DataSource, ModelSource, PruneOptions, RiskOptions, RunOptions
 from prunecp_cli.pipeline.inference import collect_logits
-from prunecp_cli.pipeline.pruning import (
-    PruneSetup,
-    check_granularity,
-    finalise,
-    make_policy,
-    prepare,
-    recalibrate_model,
-    tie_warnings,
-)
 from prunecp_cli.pipeline.risktest import (
     GRID_KINDS,
     RiskTest,
     SetSizeSplit,
-    check_open,
     level_losses,
     parse_grid,
     read_set_size_split,
@@ -54,13 +43,23 @@ from prunecp_cli.pipeline.risktest import (
     statement,
 )
 from prunecp_cli.pipeline.scoring import few_examples_warnings
+from prunecp_cli.pipeline.setup import (
+    PruneSetup,
+    check_granularity,
+    finalise,
+    make_policy,
+    prepare,
+    recalibrate_model,
+    seen_as,
+    tie_warnings,
+)
 from prunecp_cli.riskcontrol.fixed_sequence import fixed_sequence_search
-from prunecp_cli.runtime import SILENT, Reporter
+from prunecp_cli.runtime import Reporter
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.surgery.plan import apply_removal
 from prunecp_cli.surgery.select import FlopsModel, Removal, select
 from prunecp_cli.surgery.unstructured import NO_SPEEDUP, MagnitudeRanking, Sparsity
-from prunecp_cli.types import PruneResult, UsedData
+from prunecp_cli.types import PruneResult
 
 
 @dataclass
@@ -151,39 +150,16 @@ def _check_disjoint(risk: Dataset, setup: PruneSetup) -> None:
 
 
 def prune_confident(
-    checkpoint: str | Path,
+    model: str | Path | ModelSource,
     output: str | Path,
     *,
-    risk_data: str | Path,
-    max_risk: float | None = None,
-    delta: float = 0.05,
-    risk: str = "disagreement",
-    grid: str | Sequence[float] | None = None,
-    grid_kind: str = "ratio",
-    pvalue_method: str | None = None,
-    max_set_size: float | None = None,
-    cert: str | Path | None = None,
-    granularity: str = "channel",
+    risk: RiskOptions,
     scores: str | Path | None = None,
     method: str | None = None,
-    data: str | Path | None = None,
-    scope: str = "local",
-    max_layer_ratio: float = 0.9,
-    round_to: int = 1,
-    protect: float | None = None,
-    ignore: tuple[str, ...] = (),
-    bn_recalibrate: bool | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    input_shape: list[int] | None = None,
     options: dict[str, Any] | None = None,
-    device: str = "auto",
-    batch_size: int = 128,
-    seed: int = 0,
-    max_samples: int | None = None,
-    preprocess: Preprocess | None = None,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    data: str | Path | DataSource | None = None,
+    pruning: PruneOptions = PruneOptions(),
+    run: RunOptions = RunOptions(),
 ) -> PruneResult:
     """Prune to the largest grid level whose risk Learn-then-Test certifies, and save it.
 
@@ -191,38 +167,18 @@ def prune_confident(
     module docstring). The metadata gain ``extra["risk_control"]`` and a ``risk`` data record.
 
     Args:
-        checkpoint: dense checkpoint or prunecp model file.
+        model: dense checkpoint or prunecp model file (a path, or a :class:`ModelSource`).
         output: the ``.safetensors`` file to write (nothing is written when no level is certified).
-        risk_data: data for the test only; disjoint from everything else.
-        max_risk: ε, the largest tolerated risk (not for ``set-size``).
-        delta: failure probability of the guarantee.
-        risk: ``disagreement``, ``error``, ``excess-error`` or ``set-size``.
-        grid: increasing levels (default 0.05 … 0.95), a list or ``"0.05,0.1"`` / ``"0.01:0.99:0.01"``.
-        grid_kind: ``ratio`` (fraction of channels, or weights, removed) or ``flops`` (fraction of FLOPs removed).
-        pvalue_method: ``binomial`` (default for 0/1 losses), ``hb`` (default for bounded), ``hoeffding``, ``bentkus``.
-        max_set_size: ``B`` for ``set-size``.
-        cert: certificate giving the nonconformity, alpha and delta for ``set-size``.
-        granularity: ``channel`` or ``weight`` (unstructured, no speed-up).
+        risk: the risk data, ε, δ, the risk, the grid and its kind, the p-value, and for ``set-size``
+            the bound and the certificate (see :class:`~prunecp_cli.options.RiskOptions`).
         scores: an ``importance.json`` (or give ``method``; neither is needed for ``weight``).
         method: importance method run once on ``data``.
-        data: the score split, for importance and BatchNorm statistics (never the risk data).
-        scope: as for :func:`~prunecp_cli.pipeline.pruning.prune`, and so are the arguments below.
-        max_layer_ratio: most any group may lose.
-        round_to: keep channel counts multiples of this.
-        protect: fraction of each group's top channels kept out of a global ranking.
-        ignore: layers to keep whole.
-        bn_recalibrate: re-estimate BatchNorm statistics on ``data`` at each level (default: when given).
-        arch: architecture spec for dense checkpoints.
-        arch_kwargs: its keyword arguments.
-        input_shape: example shape when no data are given.
         options: method options.
-        device: compute device.
-        batch_size: examples per forward pass.
-        seed: seed for the importance method and the set-size split.
-        max_samples: cap on examples used for scoring.
-        preprocess: image preprocessing for folder data.
-        reporter: progress and messages.
-        trust_arch: build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
+        data: the score split, for importance and BatchNorm statistics (never the risk data).
+        pruning: scope, per-layer limits, layers to keep, BatchNorm recalibration and granularity, as
+            for :func:`~prunecp_cli.pipeline.pruning.prune` (its ``ratio``/``target_flops`` are unused:
+            the level is chosen on the grid).
+        run: device, batch size (default 128), seed (also of the set-size split) and reporter.
 
     Raises:
         UsageError: a missing, contradictory or out-of-range option.
@@ -230,31 +186,31 @@ def prune_confident(
         DataError: the risk data lack labels the risk needs, or do not fit the model.
         CertificationFailed: not even the first level is certified (nothing is written).
     """
-    check_output(output, suffixes=MODEL_SUFFIXES, inputs=[("checkpoint", checkpoint), ("scores", scores),
-                                                          ("data", data), ("risk_data", risk_data), ("cert", cert)])
-    check_open("--delta", delta)
-    check_open("--max-risk", max_risk)
+    model, data = ModelSource.of(model), DataSource.of(data)
+    risk_data, max_risk, delta, grid, grid_kind = risk.risk_data, risk.max_risk, risk.delta, risk.grid, risk.grid_kind
+    pvalue_method, max_set_size, cert = risk.pvalue, risk.max_set_size, risk.cert
+    risk_name = risk.risk
+    granularity, ignore, bn_recalibrate = pruning.granularity, pruning.ignore, pruning.bn_recalibrate
+    batch_size, seed, reporter = run.batch(128), run.seed, run.rep
+    preprocess = data.preprocess if data is not None else None
     levels = parse_grid(grid)
     if grid_kind not in GRID_KINDS:
         raise UsageError(f"--grid-kind {grid_kind!r}: use ratio (fraction of channels) or flops (fraction of FLOPs removed)")
     check_granularity(granularity, scores=scores, method=method, target_flops=None)
     if granularity == "weight" and grid_kind == "flops":
         raise UsageError("--granularity weight removes no FLOPs; use --grid-kind ratio (fraction of weights zeroed)")
-    if (risk == "set-size") != (cert is not None):
+    if (risk_name == "set-size") != (cert is not None):
         raise UsageError("--risk set-size needs --cert (the certificate whose nonconformity and alpha make the sets), "
                          "and --cert is only used by --risk set-size")
     if bn_recalibrate and data is None:
         raise UsageError("--bn-recalibrate needs --data (the score split) to re-estimate statistics on")
-    if data is not None and Path(risk_data).resolve() == Path(data).resolve():
+    if data is not None and Path(risk_data).resolve() == Path(data.path).resolve():
         raise CalibrationError(f"--risk-data {Path(risk_data).name} is also --data; the test needs data nothing else "
                                "has seen: pass a disjoint split")
-    setup = prepare(checkpoint, scores=scores, method=method, data=data,
-                    policy=make_policy(scope, max_layer_ratio, round_to, protect), ignore=ignore, arch=arch,
-                    arch_kwargs=arch_kwargs, input_shape=input_shape, options=options, device=device,
-                    batch_size=batch_size, seed=seed, max_samples=max_samples, preprocess=preprocess,
-                    reporter=reporter, rank_channels=granularity == "channel", trust_arch=trust_arch)
+    setup = prepare(model, scores=scores, method=method, options=options, data=data, policy=make_policy(pruning),
+                    ignore=ignore, run=run, rank_channels=granularity == "channel")
     session = setup.session
-    test = risk_test(risk, num_classes=session.num_classes, max_risk=max_risk, max_set_size=max_set_size,
+    test = risk_test(risk_name, num_classes=session.num_classes, max_risk=max_risk, max_set_size=max_set_size,
                      delta=delta, pvalue_method=pvalue_method)
     risk_set = open_dataset(risk_data, preprocess=preprocess, default_channels=session.input_shape[0])
     _check_disjoint(risk_set, setup)
@@ -264,13 +220,13 @@ def prune_confident(
         raise DataError(f"--risk-data {risk_set.path.name}: examples have shape {list(risk_set.sample_shape)}, the "
                         f"model takes {session.input_shape}; pass risk data of the model's input shape")
     labels = None
-    if test.spec.needs_labels or risk == "set-size":
+    if test.spec.needs_labels or risk_name == "set-size":
         if not risk_set.has_labels:
-            raise DataError(f"--risk {risk} needs labels, but {risk_set.path.name} has none (no 'y'); use --risk "
+            raise DataError(f"--risk {risk_name} needs labels, but {risk_set.path.name} has none (no 'y'); use --risk "
                             "disagreement for unlabelled data")
         risk_set.require_labels(session.num_classes)
         labels = torch.from_numpy(risk_set.labels)
-    split = read_set_size_split(cert, len(risk_set), seed=seed) if risk == "set-size" else None
+    split = read_set_size_split(cert, len(risk_set), seed=seed) if risk_name == "set-size" else None
     if split is not None and split.certificate["data_sha256"] == risk_set.sha256:
         raise CalibrationError(f"--cert {Path(cert).name} was calibrated on --risk-data {risk_set.path.name} itself; "
                                "the set-size test recalibrates q-hat on half of the risk data and needs a "
@@ -288,17 +244,17 @@ def prune_confident(
     if certified is None:
         first = records[0]
         raise CertificationFailed(
-            f"no pruning level is certified: at the first level ({text(first['level'])}) the {risk} risk is "
+            f"no pruning level is certified: at the first level ({text(first['level'])}) the {risk_name} risk is "
             f"{first['risk_hat']:.4g} on n={n} risk examples, p-value {first['p_value']:.3g} > delta {delta}; nothing "
             f"was written. Allow a larger {'--max-set-size' if split else '--max-risk'} or --delta, start --grid "
             "lower, or use more risk data")
     chosen = cache[pruner.key(certified)]
     used = list(setup.used)
     if bn_data is not None:
-        used.append(UsedData(bn_data.sha256, "bn-recalibration", bn_data.path.name))
-    used.append(UsedData(risk_set.sha256, "risk", risk_set.path.name))
+        used.append(seen_as(bn_data, "bn-recalibration"))
+    used.append(seen_as(risk_set, "risk"))
     control = {
-        "procedure": "learn-then-test, fixed-sequence", "risk": risk, "risk_description": test.spec.description,
+        "procedure": "learn-then-test, fixed-sequence", "risk": risk_name, "risk_description": test.spec.description,
         "max_risk": max_risk, "max_set_size": max_set_size, "loss_level": test.loss_alpha, "delta": delta,
         "confidence": 1.0 - delta, "n": n, "pvalue": test.pvalue, "granularity": granularity,
         "grid_kind": grid_kind, "grid": levels, "level": certified, "level_text": text(certified),
@@ -321,8 +277,9 @@ def prune_confident(
         setup.method, setup.method_params = "magnitude-unstructured", {}
     else:
         warnings += tie_warnings(setup.scores, pruner.removal(certified))
-        target.update({"target_flops": 1.0 - certified if grid_kind == "flops" else None, "scope": scope,
-                       "max_layer_ratio": max_layer_ratio, "round_to": round_to, "protect": setup.policy.protect})
+        target.update({"target_flops": 1.0 - certified if grid_kind == "flops" else None, "scope": pruning.scope,
+                       "max_layer_ratio": pruning.max_layer_ratio, "round_to": pruning.round_to,
+                       "protect": setup.policy.protect})
     for message in warnings:
         reporter.warn(message)
     return finalise(setup, chosen.model, output, plan=chosen.plan, channels=chosen.channels, used=used,

@@ -28,9 +28,10 @@ import torch
 from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
 from prunecp_cli.conformal.predictor import ConformalClassifier, check_model_hash
 from prunecp_cli.errors import DataError
-from prunecp_cli.io.data import Dataset, Preprocess
+from prunecp_cli.io.data import Dataset
 from prunecp_cli.io.files import atomic_write_path
-from prunecp_cli.pipeline.session import open_session
+from prunecp_cli.options import DataSource, ModelSource, RunOptions
+from prunecp_cli.pipeline.session import open_source
 from prunecp_cli.runtime import SILENT, Reporter
 
 __all__ = ["Prediction", "open_prediction", "predict", "read_class_names"]
@@ -105,18 +106,12 @@ class Prediction:
 
 
 def open_prediction(
-    model: str | Path,
+    model: str | Path | ModelSource,
+    data: str | Path | DataSource,
     *,
     cert: str | Path | dict[str, Any],
-    data: str | Path,
     class_names: str | Path | list[str] | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    preprocess: Preprocess | None = None,
-    device: str = "auto",
-    batch_size: int = 256,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    run: RunOptions = RunOptions(),
 ) -> Prediction:
     """Load and check everything ``predict`` needs, before any record is produced.
 
@@ -127,56 +122,41 @@ def open_prediction(
         DataError: Data that do not fit the model, labels outside its classes, or bad class names.
     """
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
-    session = open_session(model, data=data, arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess,
-                           device=device, trust_arch=trust_arch)
+    session = open_source(ModelSource.of(model), DataSource.of(data), device=run.device)
     check_model_hash(session.loaded.sha256, certificate, path=session.loaded.path)
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names, session.num_classes)
     elif class_names is not None and len(class_names) != session.num_classes:
         raise DataError(f"{len(class_names)} class names given for a model with {session.num_classes} classes")
     classifier = ConformalClassifier(session.model, certificate, device=session.device)
-    return Prediction(classifier, session.data, session.device, batch_size, class_names, reporter)
+    return Prediction(classifier, session.data, session.device, run.batch(256), class_names, run.rep)
 
 
 def predict(
-    model: str | Path,
+    model: str | Path | ModelSource,
+    data: str | Path | DataSource,
     *,
     cert: str | Path | dict[str, Any],
-    data: str | Path,
     out: str | Path | None = None,
     class_names: str | Path | list[str] | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    preprocess: Preprocess | None = None,
-    device: str = "auto",
-    batch_size: int = 256,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    run: RunOptions = RunOptions(),
 ) -> list[dict[str, Any]]:
     """Prediction sets of every input of ``data``; written as JSON Lines to ``out`` when given.
 
     Args:
-        model: The certified model file.
-        cert: Its certificate (path or dict).
+        model: The certified model file (a path, or a :class:`ModelSource`).
         data: Inputs (``y`` optional).
+        cert: Its certificate (path or dict).
         out: JSON Lines file to write atomically (None: only return the records).
         class_names: A file of names (JSON list or one per line), or a list, in class-index order.
-        arch: Architecture spec for a dense checkpoint.
-        arch_kwargs: Its keyword arguments.
-        preprocess: Image-folder preprocessing.
-        device: Compute device.
-        batch_size: Examples per forward pass.
-        reporter: Progress.
-        trust_arch: Build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
+        run: Device, batch size (default 256) and reporter.
 
     Returns:
         The records (see the module docstring). For data too large to hold, iterate
         ``open_prediction(...).records()`` instead.
     """
-    run = open_prediction(model, cert=cert, data=data, class_names=class_names, arch=arch, arch_kwargs=arch_kwargs,
-                          preprocess=preprocess, device=device, batch_size=batch_size, reporter=reporter,
-                          trust_arch=trust_arch)
-    records = list(run.records())
+    prediction = open_prediction(model, data, cert=cert, class_names=class_names, run=run)
+    records = list(prediction.records())
     if out is not None:
         with atomic_write_path(out) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             for record in records:

@@ -24,6 +24,7 @@ from prunecp_cli.io.data import Dataset
 from prunecp_cli.measure import count_flops, flops_by_module
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.scoring import compute_importance
+from prunecp_cli.pipeline.setup import recalibrate_model, tie_warnings
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.surgery.plan import apply_removal
@@ -121,7 +122,7 @@ def run_schedule(
     """Prune ``setup``'s model in place following ``schedule``.
 
     Args:
-        setup: a :class:`~prunecp_cli.pipeline.pruning.PruneSetup` (model, graph, first scores).
+        setup: a :class:`~prunecp_cli.pipeline.setup.PruneSetup` (model, graph, first scores).
         ratio: final fraction of channels to remove (or None).
         target_flops: final fraction of dense FLOPs to keep (or None).
         schedule: steps and fine-tuning.
@@ -136,7 +137,6 @@ def run_schedule(
     Raises:
         UsageError: several steps with a fixed scores file.
     """
-    from prunecp_cli.pipeline.pruning import recalibrate_model, tie_warnings
 
     if schedule.steps > 1 and method is None:
         raise UsageError("--steps > 1 re-scores the model between steps: use --method instead of --scores")

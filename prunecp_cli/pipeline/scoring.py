@@ -12,9 +12,9 @@ from prunecp_cli import dist
 from prunecp_cli import importance as registry
 from prunecp_cli.errors import ScoresError
 from prunecp_cli.importance.base import ImportanceContext, Needs
-from prunecp_cli.io.data import Preprocess
-from prunecp_cli.pipeline.session import Session, open_session
-from prunecp_cli.runtime import SILENT, Reporter, seed_everything
+from prunecp_cli.options import DataSource, ModelSource, RunOptions
+from prunecp_cli.pipeline.session import Session, open_source
+from prunecp_cli.runtime import Reporter, seed_everything
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.types import GroupImportance, ImportanceTable
 
@@ -108,50 +108,33 @@ def degenerate_warnings(scores: dict[str, torch.Tensor]) -> list[str]:
 
 
 def score(
-    checkpoint: str | Path,
+    model: str | Path | ModelSource,
+    data: str | Path | DataSource | None = None,
     *,
     method: str,
-    data: str | Path | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-    input_shape: list[int] | None = None,
     options: dict[str, Any] | None = None,
     ignore: tuple[str, ...] = (),
-    device: str = "auto",
-    batch_size: int = 128,
-    seed: int = 0,
-    max_samples: int | None = None,
-    preprocess: Preprocess | None = None,
-    reporter: Reporter = SILENT,
-    trust_arch: bool = False,
+    run: RunOptions = RunOptions(),
 ) -> ImportanceTable:
     """Score every channel of every prunable group of a model.
 
     Args:
-        checkpoint: dense checkpoint or prunecp model file.
+        model: the model (a path: a prunecp file, or a dense checkpoint with ``ModelSource.arch``).
+        data: the score split (needed by data-driven methods; ``max_samples`` caps the examples used).
         method: registry name (see ``prunecp score --help``).
-        data: the score split (needed by data-driven methods).
-        arch: architecture spec for dense checkpoints.
-        arch_kwargs: its keyword arguments.
-        input_shape: example shape when no data are given.
         options: method options (``{name: value}``), defaults from the registry.
         ignore: layers whose groups are not scored (the classifier is always kept).
-        device: ``auto``, ``cpu``, ``cuda[:N]``.
-        batch_size: examples per forward pass.
-        seed: seed for randomness (sampling, random method).
-        max_samples: use at most this many examples of the data.
-        preprocess: image preprocessing for folder data.
-        reporter: progress and messages.
-        trust_arch: build a prunecp file's architecture even from an untrusted module (``--trust-arch``).
+        run: device, batch size (default 128), seed and reporter.
 
     Returns:
         The importance table (what ``importance.json`` holds).
     """
+    model, data = ModelSource.of(model), DataSource.of(data)
+    batch_size, seed, reporter = run.batch(128), run.seed, run.rep
+    max_samples = data.max_samples if data is not None else None
     info = registry.info(method)
     options = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
-    session = open_session(checkpoint, data=data if info.needs_data or data else None, arch=arch,
-                           arch_kwargs=arch_kwargs, input_shape=input_shape, preprocess=preprocess, device=device,
-                           trust_arch=trust_arch)
+    session = open_source(model, data, device=run.device)
     graph = ModelGraph(session.model, session.example, ignore=ignore)
     scores, extras = compute_importance(session, graph, method=method, options=options, batch_size=batch_size,
                                         seed=seed, max_samples=max_samples, reporter=reporter)

@@ -18,6 +18,7 @@ from prunecp_cli import dist
 from prunecp_cli.errors import DataError, UsageError, brief
 from prunecp_cli.io.checkpoint import LoadedModel, open_model
 from prunecp_cli.io.data import Dataset, Preprocess, open_dataset
+from prunecp_cli.options import DataSource, ModelSource
 from prunecp_cli.runtime import resolve_device
 from prunecp_cli.types import UsedData
 
@@ -53,6 +54,23 @@ class Session:
     def used_data(self) -> list[UsedData]:
         """Data the model has already seen, per its metadata."""
         return [UsedData(**d) for d in self.loaded.meta.extra.get("data_sha256", [])]
+
+
+def open_source(
+    model: ModelSource,
+    data: DataSource | Dataset | None = None,
+    *,
+    device: str = "auto",
+    need_labels: bool = False,
+) -> Session:
+    """:func:`open_session` for the API's parameter objects (see :mod:`prunecp_cli.options`)."""
+    if isinstance(data, DataSource):
+        data, preprocess = data.path, data.preprocess
+    else:
+        preprocess = None
+    return open_session(model.checkpoint, data=data, arch=model.arch, arch_kwargs=model.arch_kwargs,
+                        input_shape=model.input_shape, preprocess=preprocess, device=device,
+                        need_labels=need_labels, trust_arch=model.trust_arch)
 
 
 def open_session(

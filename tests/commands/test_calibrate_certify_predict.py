@@ -19,6 +19,7 @@ from prunecp_cli.conformal.certificate import load_certificate
 from prunecp_cli.conformal.nonconformity import LAC
 from prunecp_cli.conformal.predictor import ConformalClassifier
 from prunecp_cli.io.checkpoint import open_model, save_model
+from prunecp_cli.options import RunOptions
 from prunecp_cli.pipeline.calibration import calibrate
 
 GATE = Path(__file__).parents[2] / "cli" / "ci-gate.sh"
@@ -32,7 +33,7 @@ def work(tmp_path_factory, trained_digits, digits_files):
     model = folder / "model.safetensors"
     save_model(loaded.model, model, loaded.meta)
     cert = folder / "cert.json"
-    calibrate(model, data=digits_files["calib"], alpha=0.1, output=cert, device="cpu")
+    calibrate(model, data=digits_files["calib"], alpha=0.1, output=cert, run=RunOptions(device="cpu"))
     with torch.no_grad():
         loaded.model.classifier.weight[3, 5] += 1e-3
     changed = folder / "changed.safetensors"

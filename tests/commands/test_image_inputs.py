@@ -30,6 +30,7 @@ def _write_pngs(root, pixels, labels=None):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, trained_digits, digits_files):
     """200 score-split digits as an ImageFolder and as an .npz holding the same uint8 pixels in the same order."""
+    from prunecp_cli.options import RunOptions
     from prunecp_cli.pipeline.calibration import calibrate
 
     folder = tmp_path_factory.mktemp("images")
@@ -41,7 +42,7 @@ def images(tmp_path_factory, trained_digits, digits_files):
     np.savez(folder / "same.npz", x=pixels[order][:, None], y=labels[order])
     flat = _write_pngs(folder / "flat", pixels[:7])
     cert = folder / "cert.json"
-    calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, output=cert, device="cpu")
+    calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, output=cert, run=RunOptions(device="cpu"))
     return {"dir": folder, "tree": folder / "tree", "files": files, "npz": folder / "same.npz",
             "flat": folder / "flat", "flat_files": flat, "cert": cert, "model": trained_digits["safetensors"],
             "pt": trained_digits["pt"], "calib": digits_files["calib"]}

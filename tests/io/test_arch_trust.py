@@ -74,7 +74,8 @@ def inputs(tmp_path_factory, trained_digits, digits_files):
 
     folder = tmp_path_factory.mktemp("trust")
     cert = folder / "cert.json"
-    api.calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, output=cert, device="cpu")
+    api.calibrate(trained_digits["safetensors"], digits_files["calib"], alpha=0.1, output=cert,
+                  run=api.RunOptions(device="cpu"))
     return {"cert": cert, **digits_files}
 
 

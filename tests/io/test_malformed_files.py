@@ -34,17 +34,17 @@ def _read(path):
 def files(tmp_path_factory, trained_digits, digits_files):
     """Valid files to break: a pruned model (with a plan), its importance.json and a certificate."""
     from prunecp_cli import api
-    from prunecp_cli.io.files import write_json
 
     folder = tmp_path_factory.mktemp("malformed")
-    table = api.score(trained_digits["pt"], method="l1", arch=DIGITS_ARCH, input_shape=[1, 8, 8], device="cpu")
+    dense = api.ModelSource(trained_digits["pt"], arch=DIGITS_ARCH, input_shape=[1, 8, 8])
+    on_cpu = api.RunOptions(device="cpu")
     importance = folder / "importance.json"
-    write_json(importance, table.to_json())
+    api.score(dense, method="l1", output=importance, run=on_cpu)
     pruned = folder / "pruned.safetensors"
-    api.prune(trained_digits["pt"], pruned, scores=importance, ratio=0.5, arch=DIGITS_ARCH, device="cpu",
+    api.prune(dense, pruned, scores=importance, pruning=api.PruneOptions(ratio=0.5), run=on_cpu,
               data=digits_files["score"])
     cert = folder / "cert.json"
-    api.calibrate(pruned, data=digits_files["calib"], alpha=0.1, output=cert, device="cpu")
+    api.calibrate(pruned, digits_files["calib"], alpha=0.1, output=cert, run=on_cpu)
     state, metadata = _read(pruned)
     return {"folder": folder, "pt": trained_digits["pt"], "pruned": pruned, "importance": importance,
             "cert": cert, "state": state, "metadata": metadata, **digits_files}

@@ -36,6 +36,7 @@ from prunecp_cli.conformal.stats import p_value_marginal
 from prunecp_cli.errors import CalibrationError, DataError, UsageError
 from prunecp_cli.io.checkpoint import open_model, save_model
 from prunecp_cli.io.files import sha256_file
+from prunecp_cli.options import RunOptions
 from prunecp_cli.pipeline.calibration import (
     calibrate,
     certificate_from_logits,
@@ -43,6 +44,8 @@ from prunecp_cli.pipeline.calibration import (
     make_nonconformity,
 )
 from prunecp_cli.pipeline.certification import verdict_from_logits
+
+CPU = RunOptions(device="cpu")
 
 ALPHA, DELTA, SPLITS = 0.1, 0.1, 500
 MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
@@ -164,15 +167,15 @@ def model_that_used_calib(tmp_path_factory, trained_digits, digits_files):
 def test_refuses_data_the_model_used(tmp_path, model_that_used_calib, digits_files):
     out = tmp_path / "cert.json"
     with pytest.raises(CalibrationError, match="already used as fine-tune data.*disjoint split"):
-        calibrate(model_that_used_calib, data=digits_files["calib"], output=out, device="cpu")
+        calibrate(model_that_used_calib, data=digits_files["calib"], output=out, run=CPU)
     assert not out.exists()
-    cert = calibrate(model_that_used_calib, data=digits_files["test"], device="cpu")  # a fresh split is fine
+    cert = calibrate(model_that_used_calib, data=digits_files["test"], run=CPU)  # a fresh split is fine
     assert cert["data"]["sha256"] == sha256_file(digits_files["test"])
 
 
 def test_calibrate_binds_model_and_data(tmp_path, trained_digits, digits_files):
     out = tmp_path / "cert.json"
-    cert = calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, output=out, device="cpu")
+    cert = calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, output=out, run=CPU)
     assert out.exists()
     assert cert["model"]["sha256"] == sha256_file(trained_digits["safetensors"])
     assert cert["data"]["sha256"] == sha256_file(digits_files["calib"])
@@ -187,7 +190,7 @@ def test_calibrate_binds_model_and_data(tmp_path, trained_digits, digits_files):
 
 def test_raps_k_reg_is_chosen_on_held_out_points(trained_digits, digits_files):
     cert = calibrate(trained_digits["safetensors"], data=digits_files["calib"], alpha=0.1, nonconformity="raps",
-                     device="cpu", seed=7)
+                     run=RunOptions(device="cpu", seed=7))
     tuning = cert["nonconformity"]["tuning"]
     x, y = load_npz(digits_files["calib"])
     n = len(y)
@@ -203,22 +206,22 @@ def test_raps_k_reg_is_chosen_on_held_out_points(trained_digits, digits_files):
     rest_scores = score.label_scores(logits[rest], y[rest])
     assert cert["quantile"] == pytest.approx(conformal_quantile(rest_scores, 0.1).qhat, rel=1e-9)
     fixed = calibrate(trained_digits["safetensors"], data=digits_files["calib"], nonconformity="raps", k_reg=2,
-                      device="cpu")
+                      run=CPU)
     assert fixed["nonconformity"]["tuning"] is None and fixed["data"]["n"] == n
 
 
 def test_too_few_points_and_bad_options(trained_digits, digits_files):
     st, calib = trained_digits["safetensors"], digits_files["calib"]
     with pytest.raises(CalibrationError, match="at least 999 calibration points"):
-        calibrate(st, data=calib, alpha=0.001, device="cpu")
+        calibrate(st, data=calib, alpha=0.001, run=CPU)
     with pytest.raises(CalibrationError, match=r"use at least \d+ calibration points, pass --k-reg"):
-        calibrate(st, data=calib, alpha=0.004, nonconformity="raps", device="cpu")
+        calibrate(st, data=calib, alpha=0.004, nonconformity="raps", run=CPU)
     with pytest.raises(CalibrationError, match="class 0 has"):
-        calibrate(st, data=calib, alpha=0.02, class_conditional=True, device="cpu")
+        calibrate(st, data=calib, alpha=0.02, class_conditional=True, run=CPU)
     for kwargs in ({"alpha": 0.0}, {"alpha": 1.5}, {"delta": 1.0}, {"nonconformity": "lac", "randomized": True},
                    {"nonconformity": "aps", "k_reg": 2}, {"nonconformity": "thr"}):
         with pytest.raises(UsageError):
-            calibrate(st, data=calib, device="cpu", **kwargs)
+            calibrate(st, data=calib, run=CPU, **kwargs)
 
 
 def test_collect_logits_keeps_dataset_order(trained_digits, digits_files):
@@ -251,7 +254,7 @@ def test_torchrun_two_processes_give_the_same_certificate(tmp_path, trained_digi
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     single = calibrate(trained_digits["safetensors"], data=digits_files["calib"], nonconformity="aps",
-                       randomized=True, device="cpu")
+                       randomized=True, run=CPU)
     both = json.loads(out.read_text())
     for key in ("rank", "data", "model", "nonconformity"):
         assert both[key] == single[key], key

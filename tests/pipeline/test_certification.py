@@ -15,8 +15,11 @@ from testsupport import load_npz
 
 from prunecp_cli.errors import CalibrationError, CertificateError, DataError, UsageError
 from prunecp_cli.io.checkpoint import open_model, save_model
+from prunecp_cli.options import RunOptions
 from prunecp_cli.pipeline.calibration import calibrate, certificate_from_logits, make_nonconformity
 from prunecp_cli.pipeline.certification import certify, failure_message, verdict_from_logits
+
+CPU = RunOptions(device="cpu")
 
 MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
          "params": 1, "flops": 1}
@@ -110,7 +113,7 @@ def certified(tmp_path_factory, trained_digits, digits_files):
     model_path = folder / "model.safetensors"
     save_model(loaded.model, model_path, loaded.meta)
     cert_path = folder / "cert.json"
-    calibrate(model_path, data=digits_files["calib"], alpha=0.1, output=cert_path, device="cpu")
+    calibrate(model_path, data=digits_files["calib"], alpha=0.1, output=cert_path, run=CPU)
     changed = open_model(model_path)
     with torch.no_grad():
         changed.model.classifier.weight[0, 0] += 1e-3  # one weight
@@ -120,14 +123,14 @@ def certified(tmp_path_factory, trained_digits, digits_files):
 
 
 def test_certify_passes_on_held_out_data(certified, digits_files):
-    verdict = certify(certified["model"], cert=certified["cert"], data=digits_files["test"], device="cpu")
+    verdict = certify(certified["model"], cert=certified["cert"], data=digits_files["test"], run=CPU)
     assert verdict["passed"], failure_message(verdict)
     assert [c["name"] for c in verdict["checks"]] == ["model-sha256", "test-data", "coverage"]
     assert verdict["n"] == len(load_npz(digits_files["test"])[1])
 
 
 def test_certify_fails_when_one_weight_changed(certified, digits_files):
-    verdict = certify(certified["changed"], cert=certified["cert"], data=digits_files["test"], device="cpu")
+    verdict = certify(certified["changed"], cert=certified["cert"], data=digits_files["test"], run=CPU)
     assert not verdict["passed"]
     check = verdict["checks"][0]
     assert check["name"] == "model-sha256" and not check["passed"] and "sha256" in check["detail"]
@@ -139,8 +142,8 @@ def test_certify_fails_under_distribution_shift(certified, digits_files):
     x, y = load_npz(digits_files["test"])
     shifted = certified["folder"] / "rotated.npz"
     np.savez(shifted, x=torch.rot90(x, 1, dims=(2, 3)).numpy(), y=y.numpy())
-    honest = certify(certified["model"], cert=certified["cert"], data=digits_files["test"], device="cpu")
-    verdict = certify(certified["model"], cert=certified["cert"], data=shifted, device="cpu")
+    honest = certify(certified["model"], cert=certified["cert"], data=digits_files["test"], run=CPU)
+    verdict = certify(certified["model"], cert=certified["cert"], data=shifted, run=CPU)
     assert verdict["coverage"] < 0.7 < honest["coverage"]
     assert not verdict["passed"] and verdict["p_value"] < SIGNIFICANCE
     assert "improbably low" in failure_message(verdict)
@@ -148,11 +151,11 @@ def test_certify_fails_under_distribution_shift(certified, digits_files):
 
 def test_test_data_must_be_held_out(certified, digits_files):
     with pytest.raises(CalibrationError, match="is the calibration data"):
-        certify(certified["model"], cert=certified["cert"], data=digits_files["calib"], device="cpu")
+        certify(certified["model"], cert=certified["cert"], data=digits_files["calib"], run=CPU)
 
 
 def test_bad_certificates_and_options(tmp_path, certified, digits_files):
     with pytest.raises(UsageError, match="significance"):
         certify(certified["model"], cert=certified["cert"], data=digits_files["test"], significance=0.0)
     with pytest.raises(CertificateError, match="does not exist"):
-        certify(certified["model"], cert=tmp_path / "none.json", data=digits_files["test"], device="cpu")
+        certify(certified["model"], cert=tmp_path / "none.json", data=digits_files["test"], run=CPU)

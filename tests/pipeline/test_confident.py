@@ -9,6 +9,7 @@ from torch import nn
 
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import open_dataset
+from prunecp_cli.options import DataSource, ModelSource, PruneOptions
 from prunecp_cli.pipeline.confident import LevelPruner
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.pruning import make_policy, prepare
@@ -34,8 +35,8 @@ def level_losses_table(tmp_path_factory, trained_digits, digits_files):
     folder = tmp_path_factory.mktemp("pool")
     parts = [np.load(digits_files[name]) for name in ("calib", "test")]
     np.savez(folder / "pool.npz", x=np.concatenate([p["x"] for p in parts]), y=np.concatenate([p["y"] for p in parts]))
-    setup = prepare(trained_digits["safetensors"], method="l1", data=digits_files["score"],
-                    policy=make_policy("global", 0.9, 1, None))
+    setup = prepare(ModelSource(trained_digits["safetensors"]), method="l1", data=DataSource(digits_files["score"]),
+                    policy=make_policy(PruneOptions(scope="global")))
     pool = open_dataset(folder / "pool.npz")
     device = setup.session.device
     dense = collect_logits(setup.session.model, pool, device=device, batch_size=256, num_classes=10)[0].argmax(1)
