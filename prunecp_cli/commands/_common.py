@@ -6,6 +6,7 @@ Nothing here imports torch: ``prunecp --help`` must stay fast.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from enum import Enum
 from typing import Annotated
@@ -178,29 +179,82 @@ def parse_kwargs(text: str | None) -> dict:
     return checks.parse_json_object(text, option="--arch-kwargs")
 
 
-def model_source(checkpoint, arch: str | None, kwargs_json: str | None, input_shape: str | None = None,
-                 trust_arch: bool = False):
-    """The :class:`~prunecp_cli.options.ModelSource` of the Model options (torch-free)."""
-    from prunecp_cli.api import ModelSource
+class Shared:
+    """The shared options of one command run (see :func:`shared`), turned into API objects on request."""
 
-    return ModelSource(checkpoint, arch=arch, arch_kwargs=parse_kwargs(kwargs_json),
-                       input_shape=checks.parse_shape(input_shape), trust_arch=trust_arch)
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+    def model(self, checkpoint):
+        """The :class:`~prunecp_cli.options.ModelSource` of ``checkpoint`` and the Model options (torch-free)."""
+        from prunecp_cli.api import ModelSource
+
+        return ModelSource(checkpoint, arch=self.arch, arch_kwargs=parse_kwargs(self.arch_kwargs),
+                           input_shape=checks.parse_shape(getattr(self, "input_shape", None)),
+                           trust_arch=self.trust_arch)
+
+    def data(self, path, max_samples: int | None = None):
+        """The :class:`~prunecp_cli.options.DataSource` of ``path`` and the Data options, or None (torch-free)."""
+        from prunecp_cli.api import DataSource
+
+        if path is None:
+            return None
+        return DataSource(path, preprocess=preprocess(self.image_size, self.mean, self.std, self.channels),
+                          max_samples=max_samples)
+
+    def run(self, *, results_to_stderr: bool = False):
+        """The :class:`~prunecp_cli.options.RunOptions` of the Run options, with the command line's reporter."""
+        from prunecp_cli.api import RunOptions
+
+        return RunOptions(device=self.device, batch_size=self.batch_size, seed=getattr(self, "seed", 0),
+                          reporter=reporter(self.quiet, getattr(self, "verbose", False),
+                                            results_to_stderr=results_to_stderr))
 
 
-def data_source(path, image_size: int | None, mean: str | None, std: str | None, channels=None,
-                max_samples: int | None = None):
-    """The :class:`~prunecp_cli.options.DataSource` of the Data options, or None without a path (torch-free)."""
-    from prunecp_cli.api import DataSource
-
-    if path is None:
-        return None
-    return DataSource(path, preprocess=preprocess(image_size, mean, std, channels), max_samples=max_samples)
+_SHARED = {  # every shared option, in the order commands list them
+    "arch": (Arch, None), "arch_kwargs": (ArchKwargs, None), "trust_arch": (TrustArch, False),
+    "input_shape": (InputShape, None), "image_size": (ImageSize, None), "mean": (Mean, None), "std": (Std, None),
+    "channels": (Channels, None), "device": (Device, "auto"), "batch_size": (BatchSize, None), "seed": (Seed, 0),
+    "quiet": (Quiet, False), "verbose": (Verbose, False), "debug": (Debug, False),
+}
 
 
-def run_options(device: str, batch_size: int | None, seed: int = 0, *, quiet: bool, verbose: bool = False,
-                results_to_stderr: bool = False):
-    """The :class:`~prunecp_cli.options.RunOptions` of the Run options, with the CLI's reporter."""
-    from prunecp_cli.api import RunOptions
+def shared(*, model: bool = True, input_shape: bool = False, data: bool = True, batch_size: int | None = None,
+           seed: bool = True, verbose: bool = False):
+    """Give a command the shared options, declared once here, after its own; its body receives them as ``o``.
 
-    return RunOptions(device=device, batch_size=batch_size, seed=seed,
-                      reporter=reporter(quiet, verbose, results_to_stderr=results_to_stderr))
+    Args:
+        model: ``--arch``, ``--arch-kwargs``, ``--trust-arch``.
+        input_shape: ``--input-shape``.
+        data: ``--image-size``, ``--mean``, ``--std``, ``--channels``.
+        batch_size: the command's default ``--batch-size`` (None: no such option).
+        seed: ``--seed``.
+        verbose: ``--verbose``.
+
+    ``--device`` (with a batch size), ``--quiet`` and ``--debug`` are always added.
+    """
+    names = [*(["arch", "arch_kwargs", "trust_arch"] if model else []), *(["input_shape"] if input_shape else []),
+             *(["image_size", "mean", "std", "channels"] if data else []),
+             *(["device", "batch_size"] if batch_size is not None else []), *(["seed"] if seed else []), "quiet",
+             *(["verbose"] if verbose else []), "debug"]
+
+    def decorate(func):
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "o"]
+        added = []
+        for name in names:
+            annotation, default = _SHARED[name]
+            added.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
+                                           default=batch_size if name == "batch_size" else default))
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            values = {p.name: kwargs.pop(p.name, p.default) for p in added}
+            return func(*args, o=Shared(**values), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        return wrapper
+
+    return decorate
+
+

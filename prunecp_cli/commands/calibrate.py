@@ -22,6 +22,7 @@ class Score(str, Enum):
 
 
 @c.cli_command
+@c.shared(batch_size=256)
 def calibrate(
     model: Annotated[Path, typer.Argument(help="Model to certify: a prunecp .safetensors file (or a dense "
                                           "checkpoint with --arch).")],
@@ -47,27 +48,17 @@ def calibrate(
     class_conditional: Annotated[bool, typer.Option("--class-conditional", help="One threshold per class (Mondrian): "
                                                     "the guarantee holds within every class; needs enough points per "
                                                     "class.", rich_help_panel=_CP)] = False,
-    arch: c.Arch = None,
-    arch_kwargs: c.ArchKwargs = None,
-    trust_arch: c.TrustArch = False,
-    image_size: c.ImageSize = None,
-    mean: c.Mean = None,
-    std: c.Std = None,
-    channels: c.Channels = None,
-    device: c.Device = "auto",
-    batch_size: c.BatchSize = 256,
-    seed: c.Seed = 0,
-    quiet: c.Quiet = False,
-    debug: c.Debug = False,
+    *,
+    o: c.Shared,
 ) -> None:
     """Calibrate the model's conformal prediction sets on held-out data and write a certificate."""
     from prunecp_cli import api
 
-    run = c.run_options(device, batch_size, seed, quiet=quiet)
+    run = o.run()
     rep = run.rep
     cert = api.calibrate(
-        c.model_source(model, arch, arch_kwargs, trust_arch=trust_arch),
-        c.data_source(data, image_size, mean, std, channels), alpha=alpha, delta=delta,
+        o.model(model),
+        o.data(data), alpha=alpha, delta=delta,
         nonconformity=nonconformity.value, randomized=randomized, k_reg=k_reg, lambda_reg=lambda_reg,
         class_conditional=class_conditional, output=out, run=run,
     )

@@ -11,15 +11,16 @@ from prunecp_cli.commands import _common as c
 
 
 @c.cli_command
+@c.shared(model=False, data=False)
 def demo(
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Folder for the demo's files "
                                                     "(default: a new temporary folder).")] = None,
     target_flops: Annotated[float, typer.Option("--target-flops", help="Fraction of dense FLOPs to keep.")] = 0.5,
-    seed: c.Seed = 0,
-    quiet: c.Quiet = False,
-    debug: c.Debug = False,
+    *,
+    o: c.Shared,
 ) -> None:
     """Train a small CNN on scikit-learn's digits, then score, prune and report it (under a minute on CPU)."""
     from prunecp_cli import api, present
 
-    api.run_demo(workdir, seed=seed, target_flops=target_flops, reporter=c.reporter(quiet), console=present.console())
+    api.run_demo(workdir, seed=o.seed, target_flops=target_flops, reporter=c.reporter(o.quiet),
+                 console=present.console())

@@ -16,6 +16,7 @@ _TUNE = "Fine-tuning and iterative pruning"
 
 
 @c.cli_command
+@c.shared(input_shape=True, batch_size=128, verbose=True)
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="Dense checkpoint (.safetensors/.pt/.pth/.bin) or prunecp model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pruned model to write (.safetensors).")] = Path(
@@ -105,20 +106,8 @@ def prune(
                                        rich_help_panel=_TUNE)] = 1,
     opt: c.Opt = None,
     max_samples: c.MaxSamples = None,
-    arch: c.Arch = None,
-    arch_kwargs: c.ArchKwargs = None,
-    trust_arch: c.TrustArch = False,
-    input_shape: c.InputShape = None,
-    image_size: c.ImageSize = None,
-    mean: c.Mean = None,
-    std: c.Std = None,
-    channels: c.Channels = None,
-    device: c.Device = "auto",
-    batch_size: c.BatchSize = 128,
-    seed: c.Seed = 0,
-    quiet: c.Quiet = False,
-    verbose: c.Verbose = False,
-    debug: c.Debug = False,
+    *,
+    o: c.Shared,
 ) -> None:
     """Remove the least important channels physically, check the model, and save it as .safetensors.
 
@@ -139,17 +128,16 @@ def prune(
     finetune = None if finetune_data is None else api.FinetuneConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=finetune_batch_size, loss=loss,
         conftr_alpha=conftr_alpha, conftr_temperature=conftr_temperature, conftr_size_weight=conftr_size_weight,
-        ce_weight=ce_weight, seed=seed)
+        ce_weight=ce_weight, seed=o.seed)
     pruning = api.PruneOptions(ratio=ratio, target_flops=target_flops, scope=scope, max_layer_ratio=max_layer_ratio,
                                round_to=round_to, protect=protect, ignore=tuple(ignore or ()),
                                bn_recalibrate=bn_recalibrate, granularity=granularity)
-    run = c.run_options(device, batch_size, seed, quiet=quiet, verbose=verbose)
+    run = o.run()
     rep = run.rep
-    result = api.prune(c.model_source(checkpoint, arch, arch_kwargs, input_shape, trust_arch), out, scores=scores,
-                       method=method, options=options, data=c.data_source(data, image_size, mean, std, channels,
-                                                                          max_samples),
+    result = api.prune(o.model(checkpoint), out, scores=scores,
+                       method=method, options=options, data=o.data(data, max_samples),
                        pruning=pruning, steps=steps, finetune=finetune,
-                       finetune_data=c.data_source(finetune_data, image_size, mean, std, channels),
+                       finetune_data=o.data(finetune_data),
                        risk=control, run=run)
     if control is not None:
         record = result.extra["risk_control"]

@@ -20,6 +20,7 @@ class Format(str, Enum):
 
 
 @c.cli_command
+@c.shared(input_shape=True, data=False, batch_size=32, seed=False)
 def report(
     model: Annotated[Path, typer.Argument(help="prunecp model file (or a dense checkpoint with --arch).")],
     baseline: Annotated[Path | None, typer.Option("--baseline", help="Dense checkpoint to compare with "
@@ -31,14 +32,8 @@ def report(
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Timed forward passes per model.")] = 30,
     cert: Annotated[Path | None, typer.Option("--cert", help="certificate.json to summarise (alpha, quantile, "
                                                  "guarantee, calibration coverage and set size).")] = None,
-    arch: c.Arch = None,
-    arch_kwargs: c.ArchKwargs = None,
-    trust_arch: c.TrustArch = False,
-    input_shape: c.InputShape = None,
-    device: c.Device = "auto",
-    batch_size: c.BatchSize = 32,
-    quiet: c.Quiet = False,
-    debug: c.Debug = False,
+    *,
+    o: c.Shared,
 ) -> None:
     """Tables of channels, parameters, FLOPs (fvcore, 1 multiply-add = 1 FLOP) and measured latency."""
     import json
@@ -47,9 +42,9 @@ def report(
 
     suffixes = {Format.json: api.JSON_SUFFIXES, Format.markdown: (".md", ".markdown"), Format.table: (".txt",)}[fmt]
     api.check_output(out, suffixes=suffixes, inputs=[("model", model), ("baseline", baseline), ("cert", cert)])
-    data = api.report(c.model_source(model, arch, arch_kwargs, input_shape, trust_arch), baseline=baseline, cert=cert,
+    data = api.report(o.model(model), baseline=baseline, cert=cert,
                       latency=latency, repeats=repeats,
-                      run=c.run_options(device, batch_size, quiet=quiet, results_to_stderr=out is None))
+                      run=o.run(results_to_stderr=out is None))
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"
     elif fmt is Format.markdown:

@@ -21,6 +21,7 @@ def _methods_help() -> str:
 
 
 @c.cli_command
+@c.shared(input_shape=True, batch_size=128, verbose=True)
 def score(
     checkpoint: Annotated[Path, typer.Argument(help="Dense checkpoint (.safetensors/.pt/.pth/.bin) or prunecp model.")],
     method: Annotated[str, typer.Option("--method", "-m", help=_methods_help(), rich_help_panel="Importance")] = "l1",
@@ -30,28 +31,16 @@ def score(
     opt: c.Opt = None,
     max_samples: c.MaxSamples = None,
     ignore: c.Ignore = None,
-    arch: c.Arch = None,
-    arch_kwargs: c.ArchKwargs = None,
-    trust_arch: c.TrustArch = False,
-    input_shape: c.InputShape = None,
-    image_size: c.ImageSize = None,
-    mean: c.Mean = None,
-    std: c.Std = None,
-    channels: c.Channels = None,
-    device: c.Device = "auto",
-    batch_size: c.BatchSize = 128,
-    seed: c.Seed = 0,
-    quiet: c.Quiet = False,
-    verbose: c.Verbose = False,
-    debug: c.Debug = False,
+    *,
+    o: c.Shared,
 ) -> None:
     """Score every channel of every prunable conv group (higher = more important) into importance.json."""
     from prunecp_cli import api
 
     options = registry.parse_options(method, opt)
-    run = c.run_options(device, batch_size, seed, quiet=quiet, verbose=verbose)
-    table = api.score(c.model_source(checkpoint, arch, arch_kwargs, input_shape, trust_arch),
-                      c.data_source(data, image_size, mean, std, channels, max_samples), method=method,
+    run = o.run()
+    table = api.score(o.model(checkpoint),
+                      o.data(data, max_samples), method=method,
                       options=options, ignore=tuple(ignore or ()), output=out, run=run)
     if api.is_main_process():
         channels = sum(g.channels for g in table.groups)

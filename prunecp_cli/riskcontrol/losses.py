@@ -143,13 +143,10 @@ def _check_num_classes(num_classes: Any) -> int:
     try:
         k = operator.index(num_classes)
     except TypeError:
-        raise UsageError(
-            f"num_classes={num_classes!r} is not an integer; pass the model's class count"
-        ) from None
-    if k < 2:
-        raise UsageError(
-            f"num_classes={k} leaves no choice of set size; a classifier needs at least 2 classes"
-        )
+        k = None
+    if k is None or k < 2:
+        raise UsageError(f"num_classes={num_classes!r} must be an integer of at least 2 (a set size needs a choice "
+                         "of classes); pass the model's class count")
     return k
 
 
@@ -261,46 +258,23 @@ class RiskSpec:
         return self.alpha_transform(target, num_classes)
 
 
-RISKS: Mapping[str, RiskSpec] = MappingProxyType(
-    {
-        "disagreement": RiskSpec(
-            name="disagreement",
-            needs_labels=False,
-            binary=True,
-            target="alpha",
-            description="share of examples where the pruned top-1 differs from the dense top-1",
-            loss=disagreement_loss,
-            alpha_transform=lambda alpha, _k: _check_alpha(alpha),
-        ),
-        "error": RiskSpec(
-            name="error",
-            needs_labels=True,
-            binary=True,
-            target="alpha",
-            description="top-1 error rate of the pruned model",
-            loss=error_loss,
-            alpha_transform=lambda alpha, _k: _check_alpha(alpha),
-        ),
-        "excess-error": RiskSpec(
-            name="excess-error",
-            needs_labels=True,
-            binary=False,
-            target="alpha",
-            description="pruned top-1 error rate minus the dense one (loss rescaled to [0, 1])",
-            loss=excess_error_loss,
-            alpha_transform=lambda alpha, _k: excess_error_alpha(alpha),
-        ),
-        "set-size": RiskSpec(
-            name="set-size",
-            needs_labels=False,
-            binary=False,
-            target="max_size",
-            description="mean conformal set size (loss (size - 1) / (K - 1), empty sets count as 1)",
-            loss=set_size_loss,
-            alpha_transform=_size_alpha,
-        ),
-    }
-)
+RISKS: Mapping[str, RiskSpec] = MappingProxyType({
+    "disagreement": RiskSpec(
+        "disagreement", needs_labels=False, binary=True, target="alpha", loss=disagreement_loss,
+        description="share of examples where the pruned top-1 differs from the dense top-1",
+        alpha_transform=lambda alpha, _k: _check_alpha(alpha)),
+    "error": RiskSpec(
+        "error", needs_labels=True, binary=True, target="alpha", loss=error_loss,
+        description="top-1 error rate of the pruned model", alpha_transform=lambda alpha, _k: _check_alpha(alpha)),
+    "excess-error": RiskSpec(
+        "excess-error", needs_labels=True, binary=False, target="alpha", loss=excess_error_loss,
+        description="pruned top-1 error rate minus the dense one (loss rescaled to [0, 1])",
+        alpha_transform=lambda alpha, _k: excess_error_alpha(alpha)),
+    "set-size": RiskSpec(
+        "set-size", needs_labels=False, binary=False, target="max_size", loss=set_size_loss,
+        description="mean conformal set size (loss (size - 1) / (K - 1), empty sets count as 1)",
+        alpha_transform=_size_alpha),
+})
 
 
 def get_risk(name: str) -> RiskSpec:
