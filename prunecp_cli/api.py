@@ -35,6 +35,7 @@ from prunecp_cli.options import (
     RiskOptions,
     RunOptions,
 )
+from prunecp_cli.types import Certificate, ImportanceTable, PruneResult, Verdict
 
 _LAZY = {
     "load_model": "prunecp_cli.io.checkpoint",
@@ -53,7 +54,7 @@ _LAZY = {
 __all__ = [
     "DataSource", "FinetuneConfig", "ModelSource", "Preprocess", "PruneOptions", "RiskOptions", "RunOptions",
     "calibrate", "certify", "is_main_process", "open_prediction", "predict", "prune", "report", "score",
-    "write_jsonl", "check_output", "JSON_SUFFIXES", "JSONL_SUFFIXES", "MODEL_SUFFIXES", *_LAZY,
+    "write_jsonl", "check_output", "Certificate", "Verdict", "ImportanceTable", "PruneResult", "JSON_SUFFIXES", "JSONL_SUFFIXES", "MODEL_SUFFIXES", *_LAZY,
 ]
 
 
@@ -80,7 +81,7 @@ def score(
     ignore: tuple[str, ...] = (),
     output: str | Path | None = None,
     run: RunOptions = RunOptions(),
-):
+) -> ImportanceTable:
     """Score every channel of every prunable conv group (higher = more important).
 
     Args:
@@ -122,7 +123,7 @@ def prune(
     finetune_data: str | Path | DataSource | None = None,
     risk: RiskOptions | None = None,
     run: RunOptions = RunOptions(),
-):
+) -> PruneResult:
     """Remove channels physically (or, with ``pruning.granularity="weight"``, zero weights) and save.
 
     Args:
@@ -152,6 +153,8 @@ def prune(
         ("risk_data", risk.risk_data if risk else None), ("cert", risk.cert if risk else None)])
     for name in ("ratio", "target_flops", "max_layer_ratio"):
         checks.open_unit(getattr(pruning, name), name)
+    if risk is None and pruning.granularity == "channel" and (pruning.ratio is None) == (pruning.target_flops is None):
+        raise UsageError("give exactly one of {ratio} and {flops}", arguments={"ratio": "ratio", "flops": "target_flops"})
     if steps < 1:
         raise UsageError("{arg} must be at least 1", arguments={"arg": "steps"})
     if (finetune is None) != (finetune_data is None):
@@ -201,7 +204,7 @@ def calibrate(
     class_conditional: bool = False,
     output: str | Path | None = None,
     run: RunOptions = RunOptions(),
-) -> dict[str, Any]:
+) -> Certificate:
     """Calibrate the model's conformal prediction sets on the calibration split; the certificate.
 
     See :func:`prunecp_cli.pipeline.calibration.calibrate` for the arguments (``run``: batch size
@@ -229,7 +232,7 @@ def certify(
     cert: str | Path | dict[str, Any],
     significance: float = 0.01,
     run: RunOptions = RunOptions(),
-) -> dict[str, Any]:
+) -> Verdict:
     """Audit a certificate on held-out test data; the verdict (``verdict["passed"]``; it never raises on a fail).
 
     Raises:

@@ -29,6 +29,11 @@ class PrunecpError(Exception):
         self.arguments = dict(arguments or {})
         super().__init__(message.format(**self.arguments) if self.arguments else message)
 
+    def prefixed(self, prefix: str, **arguments: str) -> PrunecpError:
+        """The same error (same class) with ``prefix`` (a template, like the message) in front."""
+        own = self.template if self.arguments else self.template.replace("{", "{{").replace("}", "}}")
+        return type(self)(prefix + own, arguments={**self.arguments, **arguments})
+
     def render(self, name_of) -> str:
         """The message with every argument named by ``name_of(argument)`` (e.g. its command-line flag)."""
         if not self.arguments:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from prunecp_cli.errors import ScoresError
 from prunecp_cli.io.metadata import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
@@ -227,3 +227,56 @@ class PruneResult:
     def params_ratio(self) -> float:
         """Fraction of parameters kept."""
         return self.params_after / self.params_before if self.params_before else 1.0
+
+
+class Certificate(TypedDict, total=False):
+    """``certificate.json`` as the API returns it (a plain dict at run time; see README "Formats").
+
+    ``model`` {file, sha256, arch, num_classes, params, flops, flops_unit}; ``data`` {file, sha256, n};
+    ``nonconformity`` {name, parameters, tuning}; ``quantile`` a number, or one per class.
+    """
+
+    schema_version: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    nonconformity: dict[str, Any]
+    alpha: float
+    delta: float | None
+    class_conditional: bool
+    quantile: float | list[float]
+    quantile_level: float | list[float]
+    rank: int | list[int]
+    class_counts: list[int] | None
+    guarantee: dict[str, Any]
+    calibration: dict[str, Any]
+    risk_control: dict[str, Any]
+    created_at: str
+    prunecp_version: str
+
+
+class Verdict(TypedDict, total=False):
+    """What ``certify`` returns (and ``certify --json`` prints): the audit of a certificate."""
+
+    passed: bool
+    coverage: float | None
+    covered: int | None
+    n: int
+    mean_set_size: float | None
+    top1_accuracy: float
+    set_size_histogram: list[int]
+    per_class_coverage: list[float | None]
+    per_class: list[dict[str, Any]] | None
+    low_coverage_classes: list[dict[str, Any]]
+    warnings: list[str]
+    p_value: float | None
+    test: str
+    significance: float
+    alpha: float
+    delta: float | None
+    guarantee: str
+    coverage_at_least: float
+    class_conditional: bool
+    checks: list[dict[str, Any]]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    certificate: dict[str, Any]

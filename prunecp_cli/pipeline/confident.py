@@ -295,7 +295,7 @@ def _reachable(levels: list[float], pruner: LevelPruner, reporter: Reporter) -> 
             pruner.removal(level)
         except PlanError as exc:
             if j == 0:
-                raise PlanError(f"--grid level {level:g} (FLOPs removed) cannot be reached: {exc}") from None
+                raise exc.prefixed(f"{{grid}} level {level:g} (FLOPs removed) cannot be reached: ", grid="grid") from None
             reporter.warn(f"the grid stops at {levels[j - 1]:g}: level {level:g} is unreachable ({exc})")
             return levels[:j]
     return levels

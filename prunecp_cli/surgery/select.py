@@ -50,13 +50,13 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.scope not in ("local", "global"):
-            raise UsageError(f"--scope {self.scope!r}: use local or global")
+            raise UsageError(f"{{arg}} {self.scope!r}: use local or global", arguments={"arg": "scope"})
         if not 0.0 < self.max_layer_ratio < 1.0:
-            raise UsageError(f"--max-layer-ratio {self.max_layer_ratio} must lie in (0, 1)")
+            raise UsageError(f"{{arg}} {self.max_layer_ratio} must lie in (0, 1)", arguments={"arg": "max_layer_ratio"})
         if self.round_to < 1:
-            raise UsageError(f"--round-to {self.round_to} must be at least 1")
+            raise UsageError(f"{{arg}} {self.round_to} must be at least 1", arguments={"arg": "round_to"})
         if not 0.0 <= self.protect < 1.0:
-            raise UsageError(f"--protect {self.protect} must lie in [0, 1)")
+            raise UsageError(f"{{arg}} {self.protect} must lie in [0, 1)", arguments={"arg": "protect"})
 
     def max_removable(self, channels: int) -> int:
         """Most channels a group of ``channels`` may lose under the caps and protection."""
@@ -196,11 +196,12 @@ def check_target(ratio: float | None, target_flops: float | None) -> None:
         UsageError: neither or both targets, or a value outside (0, 1).
     """
     if (ratio is None) == (target_flops is None):
-        raise UsageError("give exactly one of --ratio and --target-flops")
+        raise UsageError("give exactly one of {ratio} and {flops}", arguments={"ratio": "ratio", "flops": "target_flops"})
     if ratio is not None and not 0.0 < ratio < 1.0:
-        raise UsageError(f"--ratio {ratio} must lie in (0, 1): the fraction of channels to remove")
+        raise UsageError(f"{{arg}} {ratio} must lie in (0, 1): the fraction of channels to remove", arguments={"arg": "ratio"})
     if target_flops is not None and not 0.0 < target_flops < 1.0:
-        raise UsageError(f"--target-flops {target_flops} must lie in (0, 1): the fraction of dense FLOPs to keep")
+        raise UsageError(f"{{arg}} {target_flops} must lie in (0, 1): the fraction of dense FLOPs to keep",
+                         arguments={"arg": "target_flops"})
 
 
 def select(
@@ -243,9 +244,9 @@ def select(
     if fewest > goal * 1.01:
         reachable = fewest / flops_model.total
         raise PlanError(
-            f"--target-flops {target_flops} is unreachable: at most {1 - reachable:.1%} of FLOPs can be removed "
-            f"under --max-layer-ratio {policy.max_layer_ratio} (lowest reachable: {reachable:.3f}); "
-            "ask for a larger fraction or raise --max-layer-ratio"
+            f"{{flops}} {target_flops} is unreachable: at most {1 - reachable:.1%} of FLOPs can be removed "
+            f"under {{limit}} {policy.max_layer_ratio} (lowest reachable: {reachable:.3f}); "
+            "ask for a larger fraction or raise {limit}", arguments={"flops": "target_flops", "limit": "max_layer_ratio"}
         )
     return candidates(search(lambda v: flops_model(candidates(v)), goal, lo, hi))
 

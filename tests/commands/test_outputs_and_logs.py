@@ -90,6 +90,8 @@ def no_torch(tmp_path):
     (["calibrate", "m.safetensors", "--data", "calib.npz", "-o", "calib.npz"], "would destroy"),
     (["calibrate", "m.safetensors", "--data", "calib.npz", "-o", "cert.txt"], ".json"),
     (["prune", "m.safetensors", "--method", "l1", "--ratio", "1.2"], "--ratio"),
+    (["prune", "m.safetensors", "--method", "l1", "--ratio", "0.2", "--target-flops", "0.5"], "exactly one of --ratio"),
+    (["prune", "m.safetensors", "--method", "l1"], "exactly one of --ratio and --target-flops"),
     (["prune", "m.safetensors", "--method", "l1", "--target-flops", "0.5", "-o", "m.safetensors"], "would destroy"),
     (["prune", "m.safetensors", "--method", "l1", "--ratio", "0.2", "--arch-kwargs", "{bad"], "--arch-kwargs"),
     (["score", "m.safetensors", "--input-shape", "3,-1,8"], "--input-shape"),
