@@ -116,10 +116,14 @@ def test_outputs_get_the_permissions_open_would_give(tmp_path, cli, trained_digi
         assert cli("calibrate", model, "--data", data["calib"], "--device", "cpu", "-o", cert).code == 0
         scores = tmp_path / "importance.json"
         assert cli("score", model, "--method", "l1", "--input-shape", "1,8,8", "-o", scores).code == 0
+        pruned = tmp_path / "pruned.safetensors"
+        assert cli("prune", model, "--scores", scores, "--ratio", "0.2", "--device", "cpu", "-o", pruned).code == 0
+        sets = tmp_path / "sets.jsonl"
+        assert cli("predict", model, "--cert", cert, "--data", data["test"], "--device", "cpu", "-o", sets).code == 0
     finally:
         os.umask(old)
-    assert cert.stat().st_mode & 0o777 == 0o640
-    assert scores.stat().st_mode & 0o777 == 0o640
+    for path in (cert, scores, pruned, sets):
+        assert path.stat().st_mode & 0o777 == 0o640, path
 
 
 def _run_logged(tmp_path, *args):
