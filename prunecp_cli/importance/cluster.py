@@ -76,7 +76,7 @@ from prunecp_cli.importance.clustering import (
 )
 from prunecp_cli.importance.jde import DEGeneration, jde_integer_search
 from prunecp_cli.surgery.batchnorm import BN_TYPES, recalibrate_batchnorm
-from prunecp_cli.surgery.gates import ChannelGates
+from prunecp_cli.surgery.gates import ChannelGates, output_channel_dim
 from prunecp_cli.surgery.groups import ChannelGroup
 from prunecp_cli.surgery.select import FlopsModel
 
@@ -117,7 +117,7 @@ def mean_activation_maps(model: nn.Module, groups: list[ChannelGroup], batches, 
 
     def hook(key, member_idxs):
         def accumulate(module, inputs, output):
-            channel_dim = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+            channel_dim = output_channel_dim(module, output)
             values = output.detach().movedim(channel_dim, 1)[:, member_idxs].double()
             values = values.reshape(values.shape[0], values.shape[1], -1).sum(0)
             sums[key] = values if key not in sums else sums[key] + values

@@ -276,7 +276,7 @@ def prune_confident(
     if granularity == "weight":
         setup.method, setup.method_params = "magnitude-unstructured", {}
     else:
-        warnings += tie_warnings(setup.scores, pruner.removal(certified))
+        warnings += tie_warnings(setup.scores, pruner.removal(certified), setup.graph.groups)
         target.update({"target_flops": 1.0 - certified if grid_kind == "flops" else None, "scope": pruning.scope,
                        "max_layer_ratio": pruning.max_layer_ratio, "round_to": pruning.round_to,
                        "protect": setup.policy.protect})

@@ -155,7 +155,7 @@ def run_schedule(
                                            reporter=reporter)
         removal = _step_removal(setup, graph, scores, step, schedule.steps, ratio=ratio, target_flops=target_flops,
                                 flops_dense=flops_dense, total_dense=total_dense)
-        result.warnings += tie_warnings(scores, removal)
+        result.warnings += tie_warnings(scores, removal, graph.groups)
         with reporter.status(f"step {step}/{schedule.steps}: removing channels"):
             plan = apply_removal(graph, removal, previous=plan)
         if bn_recalibrate:

@@ -35,7 +35,7 @@ from prunecp_cli.pipeline.scoring import (
 from prunecp_cli.pipeline.session import Session, open_source
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
-from prunecp_cli.surgery.groups import ModelGraph
+from prunecp_cli.surgery.groups import ChannelGroup, ModelGraph
 from prunecp_cli.surgery.select import Policy, Removal
 from prunecp_cli.types import PruneResult, UsedData
 
@@ -44,11 +44,21 @@ PER_MODEL_RECORDS = ("risk_control", "sparsity", "schedule", "finetune")
 """Metadata records that describe one model's weights; a new model made from it never inherits them."""
 
 
-def tie_warnings(scores: dict[str, torch.Tensor], removal: Removal) -> list[str]:
-    """Warn when the cut inside a group falls between channels of equal importance."""
+def tie_warnings(scores: dict[str, torch.Tensor], removal: Removal, groups: list[ChannelGroup] = ()) -> list[str]:
+    """Warn when the cut inside a group falls between channels of equal importance.
+
+    A group among ``groups`` whose channels shrink block by block (grouped convolutions) is judged
+    on its block offsets, as it was selected.
+    """
+    blocks = {g.name: g.channel_groups for g in groups}
     tied = []
     for name, removed in removal.items():
         value = scores[name]
+        k = blocks.get(name, 1)
+        if k > 1 and value.numel() % k == 0:
+            width = value.numel() // k
+            value = value.double().reshape(k, width).mean(0)
+            removed = sorted({int(i) % width for i in removed})
         if not removed or len(removed) == value.numel():
             continue
         kept = sorted(set(range(value.numel())) - set(removed))

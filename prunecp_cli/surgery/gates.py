@@ -86,7 +86,7 @@ class ChannelGates(AbstractContextManager):
             gate = self.values.get(group)
             if gate is None:
                 continue
-            channel_dim = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+            channel_dim = output_channel_dim(module, output)
             size = output.shape[channel_dim]
             if multiplier is None:
                 multiplier = output.new_ones((*gate.shape[:-1], size))
@@ -96,7 +96,81 @@ class ChannelGates(AbstractContextManager):
             )
         if multiplier is None:
             return None
+        if _normalises_channels(module):
+            output = _masked_layer_norm(module, inputs[0], multiplier, channel_dim)
         return output * _broadcast(multiplier, output, channel_dim)
+
+
+def _normalises_channels(module: nn.Module) -> bool:
+    """True for a layer norm over the channels alone (ConvNeXt's channels-last ``LayerNorm``, ``LayerNorm2d``)."""
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def _masked_layer_norm(module: nn.LayerNorm, x: torch.Tensor, multiplier: torch.Tensor,
+                       channel_dim: int) -> torch.Tensor:
+    """``module``'s output on ``x`` with the statistics taken over the channels ``multiplier`` keeps.
+
+    A layer norm over the channels mixes them through its mean and variance, so zeroing a channel's
+    output is not what removing it does: the pruned layer normalises over the remaining channels
+    only. Weighting the statistics by the gate makes a zero gate exactly a removal (and a gate of
+    ones exactly the layer itself).
+    """
+    weights = _broadcast(multiplier, x, channel_dim).to(x.dtype)
+    count = weights.sum(dim=channel_dim, keepdim=True).clamp_min(1e-12)
+    mean = (x * weights).sum(dim=channel_dim, keepdim=True) / count
+    var = (((x - mean) ** 2) * weights).sum(dim=channel_dim, keepdim=True) / count
+    y = (x - mean) * torch.rsqrt(var + module.eps)
+    shape = [1] * x.dim()
+    shape[channel_dim] = x.shape[channel_dim]
+    if module.weight is not None:
+        y = y * module.weight.reshape(shape)
+    if module.bias is not None:
+        y = y + module.bias.reshape(shape)
+    return y
+
+
+def channels_last(module: nn.Module) -> bool:
+    """True when ``module`` writes its channels on the last dimension of its output.
+
+    A linear layer does, and so does a plain :class:`torch.nn.LayerNorm` over one trailing
+    dimension (ConvNeXt's channels-last blocks). Subclasses that override ``forward`` to permute
+    back to channels-first (torchvision's ``LayerNorm2d``) write them on dimension 1.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.LayerNorm):
+        return type(module).forward is nn.LayerNorm.forward and len(module.normalized_shape) == 1
+    return False
+
+
+def output_channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of ``output`` (the output of ``module``) that holds its channels.
+
+    Channels-first (dimension 1) unless :func:`channels_last` says otherwise; when the layer's
+    own width is known and only the other candidate dimension has that size, that one is taken
+    (for instance a ``LayerNorm`` subclass that keeps channels last).
+    """
+    preferred = output.dim() - 1 if channels_last(module) else 1
+    if output.dim() < 2:
+        return output.dim() - 1
+    width = _width(module)
+    if width is None or output.shape[preferred] == width:
+        return preferred
+    other = 1 if preferred == output.dim() - 1 else output.dim() - 1
+    return other if output.shape[other] == width else preferred
+
+
+def _width(module: nn.Module) -> int | None:
+    """Number of output channels of ``module`` when its parameters say so."""
+    for attr in ("out_channels", "out_features", "num_features"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return int(module.normalized_shape[0])
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    return None
 
 
 def _broadcast(multiplier: torch.Tensor, output: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ own channels correspond to which root channel.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,17 @@ class ChannelGroup:
         members: every layer touched by removing the group's channels.
         gate_points: the layers whose outputs carry the group's channels after normalisation:
             zeroing those output channels is equivalent to removing the channels.
+        channel_groups: the group's channels fall into this many equal consecutive blocks that
+            must shrink together (a grouped convolution, RegNet's and ResNeXt's, keeps its number
+            of groups: Torch-Pruning removes the same offsets from every block); 0 when the
+            grouping cannot be followed and the group must stay whole.
     """
 
     name: str
     channels: int
     members: list[Member] = field(default_factory=list)
     gate_points: list[Member] = field(default_factory=list)
+    channel_groups: int = 1
 
     @property
     def modules(self) -> list[str]:
@@ -169,8 +175,26 @@ class ModelGraph:
                 )
                 group.members.append(member)
             group.gate_points = self._gate_points(group)
+            group.channel_groups = self._channel_groups(group)
             groups.append(group)
         return groups
+
+    def _channel_groups(self, group: ChannelGroup) -> int:
+        """How many equal blocks of the group's channels must shrink together (see ChannelGroup)."""
+        modules = dict(self.model.named_modules())
+        blocks = 1
+        for member in group.members:
+            module = modules[member.module]
+            if not isinstance(module, CONV_TYPES) or module.groups == 1:
+                continue
+            width = module.out_channels if member.direction == "out" else module.in_channels
+            if module.groups == module.in_channels and module.in_channels == module.out_channels:
+                continue  # depthwise: Torch-Pruning shrinks its groups with its channels
+            offsets = {m - r for m, r in zip(member.member_idxs, member.root_idxs, strict=True)}
+            if len(member.member_idxs) != width or width != group.channels or offsets != {0}:
+                return 0  # the grouped layer sees the group's channels re-ordered or in part
+            blocks = math.lcm(blocks, module.groups)
+        return blocks if group.channels % blocks == 0 else 0
 
     def _gate_points(self, group: ChannelGroup) -> list[Member]:
         """Outputs to zero so that a channel is silenced exactly as if it were removed.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from prunecp_cli.surgery.gates import channels_last
 from prunecp_cli.surgery.groups import ChannelGroup
 
 # Channel-wise maps with f(0) = 0: a value that is "clean ⊙ mask" stays so through them.
@@ -119,7 +120,7 @@ def _gate_channel_maps(module: nn.Module, group: ChannelGroup) -> dict[str, torc
         width = _out_channels(layer)
         if point.module in maps and maps[point.module] is None:
             continue
-        if width is None or isinstance(layer, nn.Linear):
+        if width is None or channels_last(layer):
             maps[point.module] = None
             continue
         current = maps.get(point.module)

@@ -19,6 +19,7 @@ channel counts multiples of N (for hardware-friendly widths). Ties are broken by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,54 @@ class Policy:
         return max(channels - min(keep, channels), 0)
 
 
+def _fold(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]):
+    """Groups and scores with each block-structured group seen as its block width.
+
+    A group of ``C`` channels in ``k`` blocks that must shrink together (grouped convolutions,
+    :attr:`ChannelGroup.channel_groups`) becomes ``C/k`` offsets, each scored by the mean of its
+    ``k`` channels; removing offset ``j`` removes channel ``j`` of every block. A group whose
+    grouping cannot be followed (``channel_groups == 0``) becomes a group of one offset, which the
+    caps never remove.
+    """
+    folded, folded_scores = [], {}
+    for group in groups:
+        blocks = group.channel_groups
+        if blocks == 1:
+            folded.append(group)
+            folded_scores[group.name] = scores[group.name]
+        elif blocks == 0:
+            folded.append(dataclasses.replace(group, channels=1))
+            folded_scores[group.name] = torch.zeros(1, dtype=torch.float64)
+        else:
+            folded.append(dataclasses.replace(group, channels=group.channels // blocks))
+            folded_scores[group.name] = scores[group.name].double().reshape(blocks, -1).mean(0)
+    return folded, folded_scores
+
+
+def _unfold(groups: list[ChannelGroup], removal: Removal) -> Removal:
+    """Channel indices of a removal chosen on :func:`_fold`'s offsets."""
+    out = {}
+    for group in groups:
+        offsets = removal.get(group.name, [])
+        blocks = group.channel_groups
+        if blocks == 0:
+            out[group.name] = []
+        elif blocks == 1:
+            out[group.name] = list(offsets)
+        else:
+            width = group.channels // blocks
+            out[group.name] = sorted(j + b * width for b in range(blocks) for j in offsets)
+    return out
+
+
+def _policy_of(policy: Policy, group: ChannelGroup) -> Policy:
+    """The policy on a folded group: ``k`` blocks of kept offsets must give a multiple of round_to channels."""
+    blocks = group.channel_groups
+    if blocks <= 1 or policy.round_to == 1:
+        return policy
+    return dataclasses.replace(policy, round_to=policy.round_to // math.gcd(policy.round_to, blocks))
+
+
 def _order(scores: torch.Tensor) -> torch.Tensor:
     """Channel indices from least to most important (stable: ties by index)."""
     return torch.sort(scores.double(), stable=True).indices
@@ -83,8 +132,9 @@ def select_local_ratio(groups: list[ChannelGroup], scores: dict[str, torch.Tenso
     """Remove ⌊ratio·C⌋ lowest channels of each group (within the caps)."""
     removal = {}
     for group in groups:
-        count = min(math.floor(ratio * group.channels + 1e-9), policy.max_removable(group.channels))
-        count = policy.rounded(group.channels, count)
+        rule = _policy_of(policy, group)
+        count = min(math.floor(ratio * group.channels + 1e-9), rule.max_removable(group.channels))
+        count = rule.rounded(group.channels, count)
         removal[group.name] = sorted(_order(scores[group.name])[:count].tolist())
     return removal
 
@@ -105,7 +155,7 @@ def global_order(groups: list[ChannelGroup], scores: dict[str, torch.Tensor],
     norm = normalised({g.name: scores[g.name] for g in groups})
     candidates = []
     for position, group in enumerate(groups):
-        order = _order(norm[group.name])[: policy.max_removable(group.channels)]
+        order = _order(norm[group.name])[: _policy_of(policy, group).max_removable(group.channels)]
         for rank, channel in enumerate(order.tolist()):
             candidates.append((float(norm[group.name][channel]), position, rank, group.name, channel))
     candidates.sort()
@@ -118,9 +168,9 @@ def select_global_count(groups: list[ChannelGroup], order: list[tuple[str, int]]
     removal: Removal = {g.name: [] for g in groups}
     for name, channel in order[:count]:
         removal[name].append(channel)
-    channels = {g.name: g.channels for g in groups}
+    by_name = {g.name: g for g in groups}
     for name, chosen in removal.items():
-        keep = policy.rounded(channels[name], len(chosen))
+        keep = _policy_of(policy, by_name[name]).rounded(by_name[name].channels, len(chosen))
         removal[name] = sorted(chosen[:keep])
     return removal
 
@@ -222,22 +272,24 @@ def select(
     check_target(ratio, target_flops)
     if not groups:
         raise PlanError("the model has no prunable convolution groups (all are ignored or protected)")
+    folded, folded_scores = _fold(groups, scores)
     if ratio is not None:
         if policy.scope == "local":
-            return select_local_ratio(groups, scores, ratio, policy)
-        order = global_order(groups, scores, policy)
-        total = sum(g.channels for g in groups)
-        return select_global_count(groups, order, min(math.floor(ratio * total + 1e-9), len(order)), policy)
+            return _unfold(groups, select_local_ratio(folded, folded_scores, ratio, policy))
+        order = global_order(folded, folded_scores, policy)
+        total = sum(g.channels for g in folded)
+        count = min(math.floor(ratio * total + 1e-9), len(order))
+        return _unfold(groups, select_global_count(folded, order, count, policy))
     if flops_model is None:
         raise ValueError("select(target_flops=...) needs a flops_model")
     goal = target_flops * flops_model.total
     if policy.scope == "local":
-        candidates = lambda r: select_local_ratio(groups, scores, r, policy)  # noqa: E731
+        candidates = lambda r: _unfold(groups, select_local_ratio(folded, folded_scores, r, policy))  # noqa: E731
         lo, hi = 0.0, 1.0
         search = _bisect_real
     else:
-        order = global_order(groups, scores, policy)
-        candidates = lambda k: select_global_count(groups, order, int(k), policy)  # noqa: E731
+        order = global_order(folded, folded_scores, policy)
+        candidates = lambda k: _unfold(groups, select_global_count(folded, order, int(k), policy))  # noqa: E731
         lo, hi = 0, len(order)
         search = _bisect_int
     fewest = flops_model(candidates(hi))
