@@ -91,6 +91,51 @@ def _silence_tp():
     warnings.filterwarnings("ignore", module="torch_pruning")
 
 
+def _build_dependency(model: nn.Module, example: torch.Tensor):
+    """Torch-Pruning's dependency graph of ``model``, and the reshapes it could not follow.
+
+    Torch-Pruning maps channel indices through a reshape only for a flatten (4-D to 2-D) or its
+    inverse; a reshape that splits the channel dimension (a channel shuffle: view to 5-D,
+    transpose, view back, as in ShuffleNet) makes its index mapping fail (ZeroDivisionError) or
+    be skipped. Such a reshape is left unmapped and returned, so that every group whose channels
+    pass through it is kept whole instead of re-wired wrongly.
+    """
+    import torch_pruning as tp
+
+    _tolerate_channel_reshapes()
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    return dg, getattr(dg, "_prunecp_opaque", set())
+
+
+def _tolerate_channel_reshapes() -> None:
+    """Make Torch-Pruning's reshape index mapping record, not crash on, reshapes it cannot map.
+
+    Torch-Pruning recomputes index mappings whenever it forms a group, so the replacement stays
+    installed (once per process); on every reshape it can map it behaves exactly as before.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "_prunecp", False):
+        return
+
+    def tolerant(graph, node):
+        opaque = graph.__dict__.setdefault("_prunecp_opaque", set())
+        sizes = getattr(node.grad_fn, "_saved_self_sizes", None)
+        if sizes is not None and len(sizes) not in (1, 2, 4):
+            opaque.add(node)  # Torch-Pruning skips it: a channel split (5-D) it cannot map
+            return None
+        try:
+            return original(graph, node)
+        except ZeroDivisionError:
+            opaque.add(node)
+            return None
+
+    tolerant._prunecp = True
+    index_mapping.update_reshape_index_mapping = tolerant
+
+
 def find_head(model: nn.Module, example: torch.Tensor) -> str | None:
     """Name of the final classifier: the last convolution or linear layer to run on ``example``."""
     order: list[str] = []
@@ -130,7 +175,6 @@ class ModelGraph:
         ignore: Sequence[str] = (),
         protect_head: bool = True,
     ) -> None:
-        import torch_pruning as tp
 
         _silence_tp()
         self.model = model
@@ -144,8 +188,7 @@ class ModelGraph:
         self.head = find_head(model, example) if protect_head else None
         self.ignored = list(dict.fromkeys([*ignore, *([self.head] if self.head else [])]))
         try:
-            with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            self.dg, self.opaque = _build_dependency(model, example)
         except Exception as exc:
             raise PlanError(
                 f"cannot trace the model's dependencies ({type(exc).__name__}: {brief(exc)}); "
@@ -158,10 +201,12 @@ class ModelGraph:
         module2name = {m: n for n, m in self.model.named_modules()}
         ignored_modules = [dict(self.model.named_modules())[n] for n in self.ignored]
         groups = []
-        for tp_group in self.dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=CONV_TYPES):
+        for tp_group in self._tp_groups(ignored_modules):
             root = tp_group[0].dep.target.module
             group = ChannelGroup(name=module2name[root], channels=len(tp_group[0].idxs))
+            whole = False
             for item in tp_group:
+                whole = whole or item.dep.target in self.opaque or item.dep.source in self.opaque
                 module = item.dep.target.module
                 if not isinstance(module, nn.Module) or module not in module2name:
                     continue  # functional ops (add, relu, cat, ...) carry no parameters
@@ -175,9 +220,37 @@ class ModelGraph:
                 )
                 group.members.append(member)
             group.gate_points = self._gate_points(group)
-            group.channel_groups = self._channel_groups(group)
+            group.channel_groups = 0 if whole else self._channel_groups(group)
             groups.append(group)
         return groups
+
+    def _tp_groups(self, ignored: list[nn.Module]):
+        """Torch-Pruning's groups rooted at convolutions (as ``get_all_groups``), skipping unmappable ones.
+
+        A group whose index mapping Torch-Pruning cannot form (a split of channels that passed
+        through a reshape it cannot map, e.g. ShuffleNet's chunk after a channel shuffle) is
+        left out: its layers are kept whole.
+        """
+        ignored = [*ignored, *self.dg.IGNORED_LAYERS_IN_TRACING]
+        visited = set()
+        for module in list(self.dg.module2node):
+            if module in ignored or not isinstance(module, CONV_TYPES) or module in visited:
+                continue
+            pruner = self.dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            try:
+                group = self.dg.get_pruning_group(module, pruner.prune_out_channels,
+                                                  list(range(pruner.get_out_channels(module))))
+            except (IndexError, ZeroDivisionError):
+                continue
+            prunable = True
+            for dep, _ in group:
+                if self.dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(dep.target.module)
+                    prunable = prunable and dep.target.module not in ignored
+            if prunable:
+                yield group
 
     def _channel_groups(self, group: ChannelGroup) -> int:
         """How many equal blocks of the group's channels must shrink together (see ChannelGroup)."""
@@ -237,12 +310,10 @@ def replay_history(model: nn.Module, history: list, example: torch.Tensor) -> No
     Raises:
         PlanError: the history does not fit the model (another architecture or arguments).
     """
-    import torch_pruning as tp
 
     _silence_tp()
     try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg, _ = _build_dependency(model, example)
         dg.load_pruning_history([(n, bool(out), list(idxs)) for n, out, idxs in history])
     except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
         raise PlanError(

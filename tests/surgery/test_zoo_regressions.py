@@ -47,6 +47,6 @@ def _prune_zoo_model(tmp_path, name: str, *, size: int = 32, n: int = 64):
     return result
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "regnet_y_400mf"])
+@pytest.mark.parametrize("name", ["convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5"])
 def test_zoo_model_prunes_to_half_flops_and_reloads(tmp_path, name):
     _prune_zoo_model(tmp_path, name)
