@@ -21,11 +21,6 @@ MODEL_SUFFIXES = (".safetensors",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
-def _literal(value: Any) -> str:
-    """``repr(value)`` made safe inside an error template."""
-    return repr(value).replace("{", "{{").replace("}", "}}")
-
-
 def open_unit(value: float | None, name: str) -> None:
     """Check that ``value`` (when given) lies strictly between 0 and 1.
 
@@ -40,7 +35,7 @@ def open_unit(value: float | None, name: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 < value < 1.0:
-        raise UsageError(f"{{arg}} {_literal(value)} must lie strictly between 0 and 1, e.g. {{arg}} 0.1",
+        raise UsageError(f"{{arg}} {value!r} must lie strictly between 0 and 1, e.g. {{arg}} 0.1",
                          arguments={"arg": name})
 
 
@@ -62,11 +57,6 @@ def parse_json_object(text: str | None, *, option: str = "--arch-kwargs") -> dic
     if not isinstance(value, dict):
         raise UsageError(f'{option} must be a JSON object such as \'{{"num_classes": 10}}\'')
     return value
-
-
-def _text(value: Any) -> str:
-    """``str(value)`` made safe inside an error template."""
-    return str(value).replace("{", "{{").replace("}", "}}")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -114,15 +104,15 @@ def check_output(
         path = Path(path)
         if _same_file(out, path) or (path.is_dir() and _inside(out, path)):
             where = "is" if _same_file(out, path) else "lies inside"
-            raise UsageError(f"{{out}} {_text(out)} {where} the input {{inp}} {_text(path)}; writing it would "
+            raise UsageError(f"{{out}} {out} {where} the input {{inp}} {path}; writing it would "
                              "destroy that input: choose another {out} path", arguments={"out": option, "inp": name})
     if out.is_dir():
-        raise UsageError(f"{{out}} {_text(out)} is a folder; give a file name such as "
-                         f"{_text(out / ('out' + suffixes[0]))}", arguments={"out": option})
+        raise UsageError(f"{{out}} {out} is a folder; give a file name such as "
+                         f"{out / ('out' + suffixes[0])}", arguments={"out": option})
     if out.suffix.lower() not in suffixes:
         wanted = " or ".join(suffixes)
-        raise UsageError(f"{{out}} {_text(out)} must end in {wanted} (this command writes {suffixes[0][1:]}); "
-                         f"e.g. {{out}} {_text(out.with_suffix(suffixes[0]).name)}", arguments={"out": option})
+        raise UsageError(f"{{out}} {out} must end in {wanted} (this command writes {suffixes[0][1:]}); "
+                         f"e.g. {{out}} {out.with_suffix(suffixes[0]).name}", arguments={"out": option})
 
 
 def parse_shape(text: str | None) -> list[int] | None:

@@ -18,8 +18,8 @@ class PrunecpError(Exception):
     """Base class of every error prunecp reports to a user.
 
     A message about an API argument names it as the API does (``target_flops``), and the command
-    line shows the flag instead (``--target-flops``): such a message is a template with ``{name}``
-    fields and ``arguments`` maps each field to its argument (see :meth:`render`).
+    line shows the flag instead (``--target-flops``): such a message is a template with ``{field}``
+    placeholders and ``arguments`` maps each field to its argument (see :meth:`render`).
     """
 
     exit_code: int = 1
@@ -27,18 +27,21 @@ class PrunecpError(Exception):
     def __init__(self, message: str = "", *, arguments: dict[str, str] | None = None) -> None:
         self.template = message
         self.arguments = dict(arguments or {})
-        super().__init__(message.format(**self.arguments) if self.arguments else message)
+        super().__init__(self.render(lambda argument: argument))
 
     def prefixed(self, prefix: str, **arguments: str) -> PrunecpError:
         """The same error (same class) with ``prefix`` (a template, like the message) in front."""
-        own = self.template if self.arguments else self.template.replace("{", "{{").replace("}", "}}")
-        return type(self)(prefix + own, arguments={**self.arguments, **arguments})
+        return type(self)(prefix + self.template, arguments={**self.arguments, **arguments})
 
     def render(self, name_of) -> str:
-        """The message with every argument named by ``name_of(argument)`` (e.g. its command-line flag)."""
-        if not self.arguments:
-            return str(self)
-        return self.template.format(**{key: name_of(arg) for key, arg in self.arguments.items()})
+        """The message with every ``{field}`` named by ``name_of(argument)`` (e.g. its command-line flag).
+
+        Fields are replaced literally, so other braces in the message (a dict, a set) stay as they are.
+        """
+        text = self.template
+        for key, argument in self.arguments.items():
+            text = text.replace("{" + key + "}", name_of(argument))
+        return text
 
 
 class UsageError(PrunecpError):

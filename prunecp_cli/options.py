@@ -41,9 +41,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.channels is not None and self.channels not in CHANNEL_CHOICES:
-            raise UsageError(f"--channels {self.channels}: give 1 (grayscale) or 3 (RGB)")
+            raise UsageError(f"{{channels}} {self.channels}: give 1 (grayscale) or 3 (RGB)", arguments={"channels": "channels"})
         if self.std is not None and any(not v > 0 for v in self.std):
-            raise UsageError(f"--std {','.join(f'{v:g}' for v in self.std)}: standard deviations must be positive")
+            raise UsageError(f"{{std}} {','.join(f'{v:g}' for v in self.std)}: standard deviations must be positive", arguments={"std": "std"})
 
     def check_channels(self, channels: int, path: Path, *, hint: str = "") -> None:
         """Check that ``mean`` and ``std`` fit inputs of ``channels`` channels.
@@ -231,19 +231,19 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise UsageError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+            raise UsageError(f"{{loss}} {self.loss!r}: use one of {', '.join(LOSSES)}", arguments={"loss": "loss"})
         if self.epochs < 0:
-            raise UsageError(f"--epochs {self.epochs} must be at least 0")
+            raise UsageError(f"{{epochs}} {self.epochs} must be at least 0", arguments={"epochs": "epochs"})
         if self.lr <= 0:
-            raise UsageError(f"--lr {self.lr} must be positive")
+            raise UsageError(f"{{lr}} {self.lr} must be positive", arguments={"lr": "lr"})
         if self.loss == "conftr":
             from prunecp_cli.conformal.quantile import min_calibration_size
 
             need = 2 * min_calibration_size(self.conftr_alpha)
             if self.batch_size < need:
                 raise UsageError(
-                    f"--loss conftr at training alpha {self.conftr_alpha} needs batches of at least {need} "
-                    f"(half of each batch calibrates); got --finetune-batch-size {self.batch_size}"
+                    f"{{loss}} conftr at training alpha {self.conftr_alpha} needs batches of at least {need} "
+                    f"(half of each batch calibrates); got {{finetune_batch_size}} {self.batch_size}", arguments={"loss": "loss", "finetune_batch_size": "finetune_batch_size"}
                 )
 
     def to_json(self) -> dict:

@@ -88,11 +88,11 @@ def make_nonconformity(name: str, *, randomized: bool = False, k_reg: int | None
         UsageError: An unknown name, or an option that does not apply to it.
     """
     if name not in NONCONFORMITY:
-        raise UsageError(f"--nonconformity {name!r} is unknown; use one of {', '.join(NONCONFORMITY)}")
+        raise UsageError(f"{{nonconformity}} {name!r} is unknown; use one of {', '.join(NONCONFORMITY)}", arguments={"nonconformity": "nonconformity"})
     if name == "lac" and randomized:
-        raise UsageError("--randomized applies to aps and raps only; lac has no random part")
+        raise UsageError("{randomized} applies to aps and raps only; lac has no random part", arguments={"randomized": "randomized"})
     if name != "raps" and (k_reg is not None or lambda_reg is not None):
-        raise UsageError("--k-reg and --lambda-reg apply to --nonconformity raps only")
+        raise UsageError("{k_reg} and {lambda_reg} apply to {nonconformity} raps only", arguments={"k_reg": "k_reg", "lambda_reg": "lambda_reg", "nonconformity": "nonconformity"})
     if name == "lac":
         return NONCONFORMITY["lac"]()
     if name == "aps":

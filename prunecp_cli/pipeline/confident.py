@@ -195,15 +195,15 @@ def prune_confident(
     preprocess = data.preprocess if data is not None else None
     levels = parse_grid(grid)
     if grid_kind not in GRID_KINDS:
-        raise UsageError(f"--grid-kind {grid_kind!r}: use ratio (fraction of channels) or flops (fraction of FLOPs removed)")
+        raise UsageError(f"{{grid_kind}} {grid_kind!r}: use ratio (fraction of channels) or flops (fraction of FLOPs removed)", arguments={"grid_kind": "grid_kind"})
     check_granularity(granularity, scores=scores, method=method, target_flops=None)
     if granularity == "weight" and grid_kind == "flops":
-        raise UsageError("--granularity weight removes no FLOPs; use --grid-kind ratio (fraction of weights zeroed)")
+        raise UsageError("{granularity} weight removes no FLOPs; use {grid_kind} ratio (fraction of weights zeroed)", arguments={"granularity": "granularity", "grid_kind": "grid_kind"})
     if (risk_name == "set-size") != (cert is not None):
-        raise UsageError("--risk set-size needs --cert (the certificate whose nonconformity and alpha make the sets), "
-                         "and --cert is only used by --risk set-size")
+        raise UsageError("{risk} set-size needs {cert} (the certificate whose nonconformity and alpha make the sets), "
+                         "and {cert} is only used by {risk} set-size", arguments={"risk": "risk", "cert": "cert"})
     if bn_recalibrate and data is None:
-        raise UsageError("--bn-recalibrate needs --data (the score split) to re-estimate statistics on")
+        raise UsageError("{bn_recalibrate} needs {data} (the score split) to re-estimate statistics on", arguments={"bn_recalibrate": "bn_recalibrate", "data": "data"})
     if data is not None and Path(risk_data).resolve() == Path(data.path).resolve():
         raise CalibrationError(f"--risk-data {Path(risk_data).name} is also --data; the test needs data nothing else "
                                "has seen: pass a disjoint split")

@@ -67,16 +67,16 @@ def prune(
     max_samples = data.max_samples if data is not None else None
     check_granularity(granularity, scores=scores, method=method, target_flops=target_flops)
     if granularity == "channel" and (scores is None) == (method is None):
-        raise UsageError("give exactly one of --scores (an importance.json) and --method")
+        raise UsageError("give exactly one of {scores} (an importance.json) and {method}", arguments={"scores": "scores", "method": "method"})
     if bn_recalibrate and data is None:
-        raise UsageError("--bn-recalibrate needs --data (the score split) to re-estimate statistics on")
+        raise UsageError("{bn_recalibrate} needs {data} (the score split) to re-estimate statistics on", arguments={"bn_recalibrate": "bn_recalibrate", "data": "data"})
     policy = make_policy(pruning)
     schedule = schedule or Schedule()
     if granularity == "weight":
         if schedule.steps > 1 or schedule.finetune is not None:
-            raise UsageError("--granularity weight is one-shot magnitude pruning: drop --steps and --finetune-data")
+            raise UsageError("{granularity} weight is one-shot magnitude pruning: drop {steps} and {finetune_data}", arguments={"granularity": "granularity", "steps": "steps", "finetune_data": "finetune_data"})
         if ratio is None:
-            raise UsageError("--granularity weight needs --ratio, the fraction of weights to zero")
+            raise UsageError("{granularity} weight needs {ratio}, the fraction of weights to zero", arguments={"granularity": "granularity", "ratio": "ratio"})
         setup = prepare(model, data=data, policy=policy, run=run, rank_channels=False)
         return prune_weights(setup, output, ratio, ignore=ignore, bn_recalibrate=bn_recalibrate,
                              batch_size=batch_size, reporter=reporter)

@@ -62,11 +62,11 @@ def parse_grid(text: str | Sequence[float] | None) -> list[float]:
         else:
             levels = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--grid {shown!r} is not a list of levels; give e.g. 0.05,0.1,0.2 or "
-                         "START:STOP:STEP such as 0.01:0.99:0.01") from None
+        raise UsageError(f"{{grid}} {shown!r} is not a list of levels; give e.g. 0.05,0.1,0.2 or "
+                         "START:STOP:STEP such as 0.01:0.99:0.01", arguments={"grid": "grid"}) from None
     if not levels or not all(0.0 < v < 1.0 for v in levels) or any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
-        raise UsageError(f"--grid {shown!r}: levels must lie in (0, 1) and increase strictly, because the test "
-                         "runs from the least to the most aggressive level; e.g. 0.05,0.1,0.2")
+        raise UsageError(f"{{grid}} {shown!r}: levels must lie in (0, 1) and increase strictly, because the test "
+                         "runs from the least to the most aggressive level; e.g. 0.05,0.1,0.2", arguments={"grid": "grid"})
     return levels
 
 
@@ -122,20 +122,20 @@ def risk_test(risk: str, *, num_classes: int, max_risk: float | None = None, max
     check_open("--max-risk", max_risk)
     if spec.target == "alpha":
         if max_risk is None:
-            raise UsageError(f"--risk {risk} needs --max-risk, the largest tolerated risk, e.g. --max-risk 0.02")
+            raise UsageError(f"{{risk}} {risk} needs {{max_risk}}, the largest tolerated risk, e.g. {{max_risk}} 0.02", arguments={"risk": "risk", "max_risk": "max_risk"})
         if max_set_size is not None:
-            raise UsageError("--max-set-size only applies to --risk set-size; drop it or use --risk set-size")
+            raise UsageError("{max_set_size} only applies to {risk} set-size; drop it or use {risk} set-size", arguments={"max_set_size": "max_set_size", "risk": "risk"})
         target = float(max_risk)
     else:
         if max_set_size is None or max_risk is not None:
-            raise UsageError("--risk set-size bounds the mean set size: give --max-set-size B (and --cert) instead "
-                             "of --max-risk")
+            raise UsageError("{risk} set-size bounds the mean set size: give {max_set_size} B (and {cert}) instead "
+                             "of {max_risk}", arguments={"risk": "risk", "max_set_size": "max_set_size", "cert": "cert", "max_risk": "max_risk"})
         target = float(max_set_size)
     method = pvalue_method or spec.pvalue_method
     if method not in PVALUE_METHODS:
-        raise UsageError(f"--pvalue {method!r} is unknown; use one of {', '.join(PVALUE_METHODS)}")
+        raise UsageError(f"{{pvalue}} {method!r} is unknown; use one of {', '.join(PVALUE_METHODS)}", arguments={"pvalue": "pvalue"})
     if method == "binomial" and not spec.binary:
-        raise UsageError(f"--pvalue binomial needs a 0/1 loss, but --risk {risk} is bounded, not binary; use hb")
+        raise UsageError(f"{{pvalue}} binomial needs a 0/1 loss, but {{risk}} {risk} is bounded, not binary; use hb", arguments={"pvalue": "pvalue", "risk": "risk"})
     return RiskTest(spec, target, spec.loss_alpha(target, num_classes=num_classes), method, float(delta),
                     num_classes)
 

@@ -49,9 +49,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise UsageError(f"--steps {self.steps} must be at least 1")
+            raise UsageError(f"{{steps}} {self.steps} must be at least 1", arguments={"steps": "steps"})
         if (self.finetune is None) != (self.finetune_data is None):
-            raise UsageError("fine-tuning needs --finetune-data (labelled) and settings together")
+            raise UsageError("fine-tuning needs {finetune_data} (labelled) and settings together", arguments={"finetune_data": "finetune_data"})
 
 
 @dataclass
@@ -139,7 +139,7 @@ def run_schedule(
     """
 
     if schedule.steps > 1 and method is None:
-        raise UsageError("--steps > 1 re-scores the model between steps: use --method instead of --scores")
+        raise UsageError("{steps} > 1 re-scores the model between steps: use {method} instead of {scores}", arguments={"steps": "steps", "method": "method", "scores": "scores"})
     session, graph, scores = setup.session, setup.graph, setup.scores
     model, example = session.model, session.example
     flops_dense = count_flops(model, example)

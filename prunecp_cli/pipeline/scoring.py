@@ -43,7 +43,7 @@ def compute_importance(
         if data is None:
             from prunecp_cli.errors import UsageError
 
-            raise UsageError(f"--method {method} needs data: pass --data with the score split")
+            raise UsageError(f"{{method}} {method} needs data: pass {{data}} with the score split", arguments={"method": "method", "data": "data"})
         if needs & Needs.LABELS:
             data.require_labels(session.num_classes)
     seed_everything(seed)

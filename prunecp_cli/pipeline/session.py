@@ -111,7 +111,7 @@ def open_session(
     if dataset is None:
         shape = recorded or input_shape
         if not shape:
-            raise UsageError("cannot tell the model's input shape: pass --data, or --input-shape C,H,W")
+            raise UsageError("cannot tell the model's input shape: pass {data}, or {input_shape} C,H,W", arguments={"data": "data", "input_shape": "input_shape"})
         example = torch.zeros((1, *shape))
     elif recorded and list(example.shape[1:]) != list(recorded):
         raise DataError(
@@ -134,7 +134,7 @@ def open_session(
     num_classes = int(out.shape[1])
     if need_labels:
         if dataset is None:
-            raise UsageError("this command needs labelled data: pass --data")
+            raise UsageError("this command needs labelled data: pass {data}", arguments={"data": "data"})
         dataset.require_labels(num_classes)
     elif dataset is not None and dataset.has_labels:
         dataset.require_labels(num_classes)

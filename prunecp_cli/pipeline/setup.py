@@ -161,7 +161,7 @@ def prepare(
     batch_size, seed, reporter = run.batch(128), run.seed, run.rep
     max_samples = data.max_samples if data is not None else None
     if rank_channels and (scores is None) == (method is None):
-        raise UsageError("give exactly one of --scores (an importance.json) and --method")
+        raise UsageError("give exactly one of {scores} (an importance.json) and {method}", arguments={"scores": "scores", "method": "method"})
     table = read_importance(scores) if rank_channels and scores is not None else None
     if model.input_shape is None and table is not None and table.input_shape:
         model = replace(model, input_shape=table.input_shape)  # the shape the scores were traced with
@@ -260,15 +260,15 @@ def check_granularity(granularity: str, *, scores: object, method: str | None, t
             FLOPs target (zeroing weights removes no FLOPs).
     """
     if granularity not in GRANULARITIES:
-        raise UsageError(f"--granularity {granularity!r}: use {' or '.join(GRANULARITIES)}")
+        raise UsageError(f"{{granularity}} {granularity!r}: use {' or '.join(GRANULARITIES)}", arguments={"granularity": "granularity"})
     if granularity != "weight":
         return
     if scores is not None or method not in (None, "l1", "l2"):
-        raise UsageError("--granularity weight ranks single weights by magnitude; drop --scores and --method "
-                         "(or use --method l1)")
+        raise UsageError("{granularity} weight ranks single weights by magnitude; drop {scores} and {method} "
+                         "(or use {method} l1)", arguments={"granularity": "granularity", "scores": "scores", "method": "method"})
     if target_flops is not None:
-        raise UsageError("--granularity weight zeroes weights and removes no FLOPs; use --ratio (fraction of "
-                         "weights) instead of --target-flops")
+        raise UsageError("{granularity} weight zeroes weights and removes no FLOPs; use {ratio} (fraction of "
+                         "weights) instead of {target_flops}", arguments={"granularity": "granularity", "ratio": "ratio", "target_flops": "target_flops"})
 
 
 def _unique(records: list[dict[str, str]]) -> list[dict[str, str]]:

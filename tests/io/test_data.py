@@ -185,7 +185,7 @@ def test_channels_convert_images_and_arrays(tmp_path, digits_arrays):
     np.savez(tmp_path / "two.npz", x=np.zeros((2, 2, 8, 8), np.float32))
     with pytest.raises(DataError, match="x has 2 channels.*--channels 3 cannot convert"):
         open_dataset(tmp_path / "two.npz", preprocess=Preprocess(channels=3))
-    with pytest.raises(UsageError, match="--channels 2"):
+    with pytest.raises(UsageError, match="channels 2"):
         Preprocess(channels=2)
 
     mixed = tmp_path / "mixed"

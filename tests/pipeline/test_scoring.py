@@ -63,7 +63,7 @@ def test_a_data_driven_method_on_few_examples_warns_in_the_table(trained_digits,
 
 
 def test_a_data_driven_method_without_data_is_a_usage_error(trained_digits):
-    with pytest.raises(UsageError, match="--method taylor needs data"):
+    with pytest.raises(UsageError, match="method taylor needs data"):
         api.score(trained_digits["safetensors"], method="taylor", run=CPU)
 
 

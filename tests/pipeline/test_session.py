@@ -41,7 +41,8 @@ def test_dense_checkpoint_with_data_takes_its_first_example(trained_digits, digi
 
 
 def test_dense_checkpoint_needs_data_or_an_input_shape(trained_digits):
-    with pytest.raises(UsageError, match="cannot tell the model's input shape: pass --data, or --input-shape C,H,W"):
+    # the API names its arguments; the command line shows them as --data and --input-shape
+    with pytest.raises(UsageError, match="cannot tell the model's input shape: pass data, or input_shape C,H,W"):
         _open(ModelSource(trained_digits["pt"], arch=ARCH))
     session = _open(ModelSource(trained_digits["pt"], arch=ARCH, input_shape=[1, 8, 8]))
     assert session.example.shape == (1, 1, 8, 8) and session.num_classes == 10
@@ -85,5 +86,5 @@ def test_labels_needed(trained_digits, tmp_path):
     assert _open(ModelSource(trained_digits["safetensors"]), unlabelled).data.has_labels is False
     with pytest.raises(DataError, match=r"x\.npz has no labels"):
         _open(ModelSource(trained_digits["safetensors"]), unlabelled, need_labels=True)
-    with pytest.raises(UsageError, match="needs labelled data: pass --data"):
+    with pytest.raises(UsageError, match="needs labelled data: pass data"):
         _open(ModelSource(trained_digits["safetensors"]), need_labels=True)
