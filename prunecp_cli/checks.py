@@ -140,3 +140,18 @@ def parse_floats(text: str | None, *, option: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise UsageError(f"{option} {text!r}: give comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (a ``bool`` is not), as parsed from JSON."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool, NaN, inf or an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from prunecp_cli.checks import is_finite_number, is_int
 from prunecp_cli.errors import ScoresError
 from prunecp_cli.io.metadata import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
 
@@ -137,23 +138,10 @@ def _label(name: str) -> str:
     return name if name.isprintable() and len(name) <= 80 else _short(name)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_shape(value: Any) -> bool:
     """Up to MAX_INPUT_DIMS positive ints (or none) of at most MAX_INPUT_ELEMENTS values."""
-    return (isinstance(value, list) and len(value) <= MAX_INPUT_DIMS and all(_is_int(v) and v >= 1 for v in value)
+    return (isinstance(value, list) and len(value) <= MAX_INPUT_DIMS and all(is_int(v) and v >= 1 for v in value)
             and math.prod(value) <= MAX_INPUT_ELEMENTS)
-
-
-def _finite(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _parse_group(raw: Any, i: int, path: Path | str) -> GroupImportance:
@@ -165,13 +153,13 @@ def _parse_group(raw: Any, i: int, path: Path | str) -> GroupImportance:
         raise ScoresError(f"{path}: group {i} has a name that is not a non-empty string; re-run prunecp score")
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ScoresError(f"{path}: group {_label(name)} has modules that are not a list of layer names; re-run prunecp score")
-    if not _is_int(channels) or channels < 1:
+    if not is_int(channels) or channels < 1:
         raise ScoresError(f"{path}: group {_label(name)} has channels {_short(channels)}, not a positive integer; "
                           "re-run prunecp score")
     if not isinstance(scores, list) or len(scores) != channels:
         count = f"{len(scores)} scores" if isinstance(scores, list) else f"importance of type {type(scores).__name__}"
         raise ScoresError(f"{path}: group {_label(name)} has {channels} channels but {count}; re-run prunecp score")
-    if not all(_finite(v) for v in scores):
+    if not all(is_finite_number(v) for v in scores):
         raise ScoresError(f"{path}: group {_label(name)} has a score that is not a finite number; re-run prunecp score")
     extras = {k: v for k, v in raw.items() if k not in ("name", "modules", "channels", "importance")}
     return GroupImportance(name, list(modules), channels, [float(v) for v in scores], extras)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prunecp_cli import __version__
+from prunecp_cli.checks import is_finite_number, is_int
 from prunecp_cli.conformal.nonconformity import NONCONFORMITY, Nonconformity, from_parameters
 from prunecp_cli.conformal.quantile import QuantileResult, conformal_rank, pac_rank
 from prunecp_cli.errors import CertificateError, PrunecpError
@@ -194,24 +194,11 @@ def _get(obj: dict[str, Any], key: str, source: str, prefix: str = "") -> Any:
     return obj[key]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_num(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def _int(obj, key, source, prefix, *, low: int = 0, high: int = MAX_COUNT, nullable: bool = False) -> int | None:
     value = _get(obj, key, source, prefix)
     if value is None and nullable:
         return None
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise _bad(source, prefix + key, f"must be an integer in [{low}, {high:.0e}], got {_short(value)}")
     return value
 
@@ -225,7 +212,7 @@ def _num(obj, key, source, prefix, *, low=None, high=None, open_=False, nullable
     value = _get(obj, key, source, prefix)
     if value is None and nullable:
         return None
-    ok = _is_num(value)
+    ok = is_finite_number(value)
     if ok and low is not None:
         ok = value > low if open_ else value >= low
     if ok and high is not None:
@@ -311,7 +298,7 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
         raise _bad(source, "nonconformity.name", f"is {_short(name)}, not one of {', '.join(NONCONFORMITY)}")
     params = _dict(nc, "parameters", source, "nonconformity.")
     for key, value in params.items():
-        if not (value is None or isinstance(value, bool) or (_is_int(value) and abs(value) < 2**63) or _is_num(value)):
+        if not (value is None or isinstance(value, bool) or (is_int(value) and abs(value) < 2**63) or is_finite_number(value)):
             raise _bad(source, f"nonconformity.parameters.{_short(key)}", f"is {_short(value)}, not a plain number")
     from_parameters(name, params)  # CertificateError naming the parameters when they do not fit
     if "tuning" in nc:
@@ -330,13 +317,13 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     _check_guarantee(guarantee, source, "guarantee.", kind=kind)
     if per_class:
         counts = _per_class(_get(obj, "class_counts", source), "class_counts", source, classes,
-                            lambda v: _is_int(v) and v >= 1)
+                            lambda v: is_int(v) and v >= 1)
         if sum(counts) != n:
             raise _bad(source, "class_counts", f"sums to {sum(counts)}, not data.n={n}")
-        _per_class(_get(obj, "quantile", source), "quantile", source, classes, _is_num)
+        _per_class(_get(obj, "quantile", source), "quantile", source, classes, is_finite_number)
         _per_class(_get(obj, "quantile_level", source), "quantile_level", source, classes,
-                   lambda v: _is_num(v) and 0 < v <= 1)
-        ranks = _per_class(_get(obj, "rank", source), "rank", source, classes, _is_int)
+                   lambda v: is_finite_number(v) and 0 < v <= 1)
+        ranks = _per_class(_get(obj, "rank", source), "rank", source, classes, is_int)
         for c, (k, m) in enumerate(zip(ranks, counts, strict=True)):
             if k != rank_of(m):
                 raise _bad(source, f"rank[{c}]", f"is {k}, but n={m}, alpha={alpha}, delta={delta} give {rank_of(m)}")
@@ -355,7 +342,7 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     _num(calib, "mean_set_size", source, "calibration.", low=0.0)
     _num(calib, "top1_accuracy", source, "calibration.", low=0.0, high=1.0)
     hist = _get(calib, "set_size_histogram", source, "calibration.")
-    if not isinstance(hist, list) or len(hist) != classes + 1 or not all(_is_int(v) and v >= 0 for v in hist):
+    if not isinstance(hist, list) or len(hist) != classes + 1 or not all(is_int(v) and v >= 0 for v in hist):
         raise _bad(source, "calibration.set_size_histogram", f"must be {classes + 1} counts (set sizes 0..{classes})")
     if "risk_control" in obj:
         _dict(obj, "risk_control", source, nullable=True)
