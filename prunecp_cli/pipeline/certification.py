@@ -37,6 +37,7 @@ from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value
 from prunecp_cli.errors import CalibrationError, DataError
 from prunecp_cli.options import DataSource, ModelSource, RunOptions
 from prunecp_cli.pipeline.calibration import check_labels, check_unused, set_metrics
+from prunecp_cli.pipeline.export_check import export_binding
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.session import open_source
 
@@ -234,7 +235,10 @@ def certify(
     check_unused(dataset.sha256, session.used_data(), file=dataset.path.name, purpose="test")
     checks = []
     expected = certificate["model"]["sha256"]
-    if loaded.sha256 != expected:
+    bound = export_binding(loaded, certificate)  # an .onnx/.pt2 export: intact, of the certified model
+    if bound is not None:
+        checks.append(bound)
+    elif loaded.sha256 != expected:
         checks.append({"name": "model-sha256", "passed": False, "detail": (
             f"model file {loaded.path.name} has sha256 {loaded.sha256[:16]}…, but the certificate binds "
             f"{certificate['model']['file']} with sha256 {expected[:16]}…: the model changed since calibration "

@@ -31,6 +31,7 @@ from prunecp_cli.errors import DataError
 from prunecp_cli.io.data import Dataset
 from prunecp_cli.io.files import atomic_write_path
 from prunecp_cli.options import DataSource, ModelSource, RunOptions
+from prunecp_cli.pipeline.export_check import check_binding
 from prunecp_cli.pipeline.session import open_source
 from prunecp_cli.runtime import SILENT, Reporter
 
@@ -123,7 +124,8 @@ def open_prediction(
     """
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
     session = open_source(ModelSource.of(model), DataSource.of(data), device=run.device)
-    check_model_hash(session.loaded.sha256, certificate, path=session.loaded.path)
+    if not check_binding(session.loaded, certificate):  # an export is bound through its record
+        check_model_hash(session.loaded.sha256, certificate, path=session.loaded.path)
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names, session.num_classes)
     elif class_names is not None and len(class_names) != session.num_classes:

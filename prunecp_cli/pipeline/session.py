@@ -1,8 +1,9 @@
 """Open a model and its data together, and check that they fit each other.
 
 Every command starts here: the model is loaded (a prunecp file rebuilds itself; a dense checkpoint
-needs ``--arch``), then the data are opened lazily (images converted to the model's input channels
-unless ``--channels`` says otherwise), the example input for tracing is the first data
+needs ``--arch``; an ``.onnx``/``.pt2`` export runs in ONNX Runtime or as the loaded program), then
+the data are opened lazily (images converted to the model's input channels unless ``--channels``
+says otherwise), the example input for tracing is the first data
 example (or the recorded/declared input shape), and one forward pass checks that model and data fit.
 """
 
@@ -98,8 +99,13 @@ def open_session(
     """
     target = resolve_device(device)
     dist.setup(target)
-    loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
-                        input_shape=input_shape if data is None else None, trust_arch=trust_arch)
+    if Path(checkpoint).suffix.lower() in (".onnx", ".pt2"):  # an export carries its input shape and record
+        from prunecp_cli.io.exported import open_exported
+
+        loaded = open_exported(checkpoint)
+    else:
+        loaded = open_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs,
+                            input_shape=input_shape if data is None else None, trust_arch=trust_arch)
     channels = _input_channels(loaded)
     dataset = (data if isinstance(data, Dataset) or data is None
                else open_dataset(data, preprocess=preprocess, default_channels=channels))
