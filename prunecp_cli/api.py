@@ -136,7 +136,7 @@ def prune(
         pruning: the target (``ratio`` or ``target_flops``) and the constraints on it.
         steps: reach the target in this many equal steps (re-scoring, recalibrating, fine-tuning).
         finetune: fine-tuning settings (with ``finetune_data``).
-        finetune_data: labelled data to fine-tune on (never calibration data).
+        finetune_data: data to fine-tune on (never calibration data); labelled unless ``finetune.loss`` is ``kd``.
         risk: prune as far as Learn-then-Test certifies instead of to ``pruning``'s target.
         run: device, batch size (default 128), seed, reporter.
 
@@ -158,7 +158,7 @@ def prune(
     if steps < 1:
         raise UsageError("{arg} must be at least 1", arguments={"arg": "steps"})
     if (finetune is None) != (finetune_data is None):
-        raise UsageError("fine-tuning needs {data} (labelled) and its settings together",
+        raise UsageError("fine-tuning needs {data} and its settings together",
                          arguments={"data": "finetune_data"})
     if finetune is not None:
         checks.open_unit(finetune.conftr_alpha, "conftr_alpha")
@@ -231,17 +231,22 @@ def certify(
     *,
     cert: str | Path | dict[str, Any],
     significance: float = 0.01,
+    pac_test: str = "beta-binomial",
+    groups: str | Path | None = None,
     run: RunOptions = RunOptions(),
 ) -> Verdict:
     """Audit a certificate on held-out test data; the verdict (``verdict["passed"]``; it never raises on a fail).
 
+    ``pac_test`` (``beta-binomial`` or ``binomial``) is how a PAC certificate is tested; ``groups`` is a
+    ``.npy``/``.txt`` file with one group label per test example, for per-group metrics.
+
     Raises:
-        UsageError: ``significance`` outside (0, 1).
+        UsageError: ``significance`` outside (0, 1), or an unknown ``pac_test``.
     """
     checks.open_unit(significance, "significance")
     from prunecp_cli.pipeline.certification import certify as run_certify
 
-    return run_certify(model, data, cert=cert, significance=significance, run=run)
+    return run_certify(model, data, cert=cert, significance=significance, pac_test=pac_test, groups=groups, run=run)
 
 
 def open_prediction(

@@ -45,12 +45,37 @@ def render_verdict(verdict: dict[str, Any], console: Console) -> None:
         table.add_row("set sizes", ", ".join(f"{s}: {n}" for s, n in enumerate(verdict["set_size_histogram"]) if n))
         table.add_row("p-value", f"{verdict['p_value']:.4g} (significance {verdict['significance']:g}; "
                       f"{verdict['test']})")
+        drop = verdict.get("min_detectable_drop")
+        table.add_row("power", "no coverage drop can be detected with this few test points" if drop is None else
+                      f"a coverage drop of {drop * 100:.2f} points is detected with probability "
+                      f"{verdict.get('detection_power', 0.8):g}; smaller drops may pass unnoticed")
         per_class = verdict.get("per_class_coverage") or []
         table.add_row("per-class coverage", " ".join("-" if v is None else f"{v:.2f}" for v in per_class))
+        for name, value in conditional_rows(verdict, alpha=verdict["alpha"]):
+            table.add_row(name, value)
     for message in verdict.get("warnings", []):
         table.add_row("[yellow]! warning[/yellow]", escape(message))
     title = "certificate holds" if verdict["passed"] else "certificate does NOT hold"
     console.print(Panel(table, title=f"[bold]{title}[/bold]", border_style="green" if verdict["passed"] else "red"))
+
+
+def conditional_rows(metrics: dict[str, Any], *, alpha: float) -> list[tuple[str, str]]:
+    """(field, value) rows of the conditional-coverage metrics (verdict or certificate calibration record)."""
+    if metrics.get("class_coverage_gap") is None:
+        return []
+    worst = metrics["worst_class"]
+    rows = [("class coverage gap", f"{metrics['class_coverage_gap']:.4f} (mean |class coverage - {1 - alpha:g}|); "
+             f"worst class {worst['class']}: {worst['coverage']:.4f} ({worst['n']} points)"),
+            ("size-stratified coverage", f"SSCV {metrics['sscv']:.4f}; " + ", ".join(
+                f"sizes {s['sizes']}: {s['coverage']:.3f} ({s['n']})" for s in metrics["size_strata"])),
+            ("singleton / empty sets", f"{metrics['singleton_rate']:.4f} / {metrics['empty_rate']:.4f}")]
+    groups = metrics.get("groups")
+    if groups:
+        shown = ", ".join(f"{g['group']}: {g['coverage']:.3f} ({g['n']})" for g in groups["per_group"][:8])
+        more = f" and {len(groups['per_group']) - 8} more" if len(groups["per_group"]) > 8 else ""
+        rows.append(("group coverage", f"{shown}{more}; gap {groups['group_coverage_gap']:.4f}, worst group "
+                     f"{groups['worst_group']['group']} {groups['worst_group']['coverage']:.4f}"))
+    return rows
 
 
 def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
@@ -181,7 +206,7 @@ def render_certificate(cert: dict[str, Any], console: Console) -> None:
 
 
 def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
-    """(field, value) rows summarising a certificate (schema 1, see prunecp_cli.conformal.certificate)."""
+    """(field, value) rows summarising a certificate (schema 1 or 2, see prunecp_cli.conformal.certificate)."""
     guarantee = cert.get("guarantee", {})
     calib = cert.get("calibration", {})
     nc = cert.get("nonconformity", {})
@@ -203,6 +228,8 @@ def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
         ("calibration mean set size", f"{calib.get('mean_set_size', float('nan')):.3f}"),
         ("calibration top-1 accuracy", f"{calib.get('top1_accuracy', float('nan')):.4f}"),
     ]
+    if isinstance(cert.get("alpha"), (int, float)):
+        rows += [(f"calibration {name}", value) for name, value in conditional_rows(calib, alpha=cert["alpha"])]
     if "binds_model" in cert:
         rows.append(("binds this model file", "yes" if cert["binds_model"] else "NO (recalibrate)"))
     control = cert.get("risk_control")

@@ -245,6 +245,7 @@ class Certificate(TypedDict, total=False):
 class Verdict(TypedDict, total=False):
     """What ``certify`` returns (and ``certify --json`` prints): the audit of a certificate."""
 
+    schema_version: int
     passed: bool
     coverage: float | None
     covered: int | None
@@ -258,7 +259,18 @@ class Verdict(TypedDict, total=False):
     warnings: list[str]
     p_value: float | None
     test: str
+    pac_test: str | None
     significance: float
+    min_detectable_drop: float | None
+    detection_power: float
+    class_coverage_gap: float
+    worst_class: dict[str, Any]
+    sscv: float
+    size_strata: list[dict[str, Any]]
+    singleton_rate: float
+    empty_rate: float
+    groups: dict[str, Any] | None
+    groups_file: dict[str, Any] | None
     alpha: float
     delta: float | None
     guarantee: str

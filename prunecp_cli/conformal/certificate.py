@@ -1,6 +1,6 @@
 """The conformal certificate: build it, and read it back with every field checked.
 
-A certificate (``certificate.json``, design.md §4, ``schema_version`` 1) binds one model file and one
+A certificate (``certificate.json``, design.md §4, ``schema_version`` 2) binds one model file and one
 calibration file by sha256 and records everything needed to rebuild the prediction sets and to audit
 them: the nonconformity and its parameters, ``alpha``/``delta``, the threshold ``quantile`` (q̂) with
 its rank ``k`` among the ``n`` calibration scores, and the guarantee that rank supports.
@@ -12,8 +12,13 @@ Layout (``quantile``, ``quantile_level`` and ``rank`` are lists indexed by class
     data {file, sha256, n}, nonconformity {name, parameters, tuning}, alpha, delta,
     class_conditional, quantile, quantile_level, rank, class_counts,
     guarantee {type, coverage_at_least, coverage_at_most, confidence, statement, per_class},
-    calibration {coverage, mean_set_size, top1_accuracy, set_size_histogram, per_class_coverage},
+    calibration {coverage, mean_set_size, top1_accuracy, set_size_histogram, per_class_coverage,
+                 class_coverage_gap, worst_class, sscv, size_strata, singleton_rate, empty_rate},
     risk_control (optional), created_at, prunecp_version
+
+Schema 2 added the calibration record's conditional metrics (from
+:func:`~prunecp_cli.conformal.conditional.conditional_metrics`, in-sample); schema-1 certificates,
+which lack them, are still read (:data:`READABLE_VERSIONS`) and mean the same.
 
 :func:`load_certificate` rejects an unknown schema version and names the first missing or wrong
 field; it does not compare ``quantile`` with the scores (``certify`` audits that on test data), but
@@ -44,7 +49,9 @@ __all__ = [
     "validate_certificate",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Schema versions :func:`load_certificate` accepts (1 lacks the calibration conditional metrics)."""
 GUARANTEE_TYPES = ("marginal", "training-conditional")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FIX = "recalibrate with prunecp calibrate to write a fresh certificate"
@@ -109,7 +116,7 @@ def build_certificate(
     tuning: dict[str, Any] | None = None,
     risk_control: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a schema-1 certificate (and validate it, so a bad one is never written).
+    """Assemble a schema-2 certificate (and validate it, so a bad one is never written).
 
     Args:
         model: ``{file, sha256, arch, num_classes, params, flops, flops_unit}``.
@@ -261,6 +268,24 @@ def _check_guarantee(g: dict[str, Any], source: str, prefix: str, *, kind: str) 
     _str(g, "statement", source, prefix)
 
 
+def _check_conditional(calib: dict[str, Any], source: str, classes: int) -> None:
+    """The schema-2 conditional metrics of the calibration record."""
+    prefix = "calibration."
+    for key in ("class_coverage_gap", "sscv"):
+        _num(calib, key, source, prefix, low=0.0, high=1.0)
+    for key in ("singleton_rate", "empty_rate"):
+        _num(calib, key, source, prefix, low=0.0, high=1.0)
+    worst = _dict(calib, "worst_class", source, prefix)
+    _int(worst, "class", source, prefix + "worst_class.", high=classes - 1)
+    _int(worst, "n", source, prefix + "worst_class.", low=1)
+    _num(worst, "coverage", source, prefix + "worst_class.", low=0.0, high=1.0)
+    strata = _get(calib, "size_strata", source, prefix)
+    if not isinstance(strata, list) or not strata or len(strata) > 16 or not all(
+            isinstance(s, dict) and isinstance(s.get("sizes"), str) and is_int(s.get("n"))
+            and is_finite_number(s.get("coverage")) for s in strata):
+        raise _bad(source, prefix + "size_strata", "must be a list of {sizes, n, coverage} objects")
+
+
 def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, Any]:
     """Check a certificate object field by field (see the module docstring).
 
@@ -277,10 +302,10 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     if not isinstance(obj, dict):
         raise CertificateError(f"{source} is not a JSON object; pass the certificate.json from prunecp calibrate")
     version = _get(obj, "schema_version", source)
-    if version != SCHEMA_VERSION:
+    if not is_int(version) or version not in READABLE_VERSIONS:
         raise CertificateError(
-            f"{source}: schema_version {version!r} is not supported; prunecp {__version__} reads certificate "
-            f"schema {SCHEMA_VERSION}, so {_FIX} (or use the prunecp version that wrote it)"
+            f"{source}: schema_version {_short(version)} is not supported; prunecp {__version__} reads certificate "
+            f"schemas {', '.join(map(str, READABLE_VERSIONS))}, so {_FIX} (or use the prunecp version that wrote it)"
         )
     model = _dict(obj, "model", source)
     _str(model, "file", source, "model.")
@@ -344,6 +369,8 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     hist = _get(calib, "set_size_histogram", source, "calibration.")
     if not isinstance(hist, list) or len(hist) != classes + 1 or not all(is_int(v) and v >= 0 for v in hist):
         raise _bad(source, "calibration.set_size_histogram", f"must be {classes + 1} counts (set sizes 0..{classes})")
+    if version >= 2:
+        _check_conditional(calib, source, classes)
     if "risk_control" in obj:
         _dict(obj, "risk_control", source, nullable=True)
     _str(obj, "created_at", source, "")

@@ -34,6 +34,7 @@ import torch
 
 from prunecp_cli import dist
 from prunecp_cli.conformal.certificate import build_certificate, class_conditional_guarantee
+from prunecp_cli.conformal.conditional import conditional_metrics
 from prunecp_cli.conformal.nonconformity import (
     NONCONFORMITY,
     RAPS,
@@ -166,7 +167,8 @@ def certificate_from_logits(
     sets = prediction_sets(all_scores, qhat)
     return build_certificate(
         model=model, data={**data, "n": int(labels.shape[0])}, nonconformity=nonconformity, alpha=alpha,
-        delta=delta, results=results, guarantee=claim, calibration=set_metrics(sets, labels, logits=logits),
+        delta=delta, results=results, guarantee=claim,
+        calibration={**set_metrics(sets, labels, logits=logits), **conditional_metrics(sets, labels, alpha=alpha)},
         tuning=tuning, risk_control=risk_control,
     )
 

@@ -12,14 +12,26 @@ Checks, in order (each is an entry of the verdict's ``checks``):
 
    * marginal: ``X ~ BetaBinomial(m, k, n+1-k)`` with the certificate's ``n`` and rank ``k``, exact for
      exchangeable data and continuous scores (ties only raise coverage, so the p-value stays valid);
-   * training-conditional: ``X`` stochastically larger than ``Bin(m, 1-alpha)`` whenever the stated
-     bound holds (it does with probability ``>= 1-delta``);
+   * training-conditional (``pac_test="beta-binomial"``, the default): ``X ~ BetaBinomial(m, k*, n+1-k*)``
+     with the PAC rank ``k*``: given the calibration draw the coverage is ``Beta(k*, n+1-k*)`` whatever
+     ``delta`` is, so the test is exact at level ``significance`` (ties only raise coverage);
+   * training-conditional with ``pac_test="binomial"`` (the test before schema 2): ``X`` stochastically
+     larger than ``Bin(m, 1-alpha)`` whenever the stated bound holds (it does with probability
+     ``>= 1-delta``), so it fails an honest audit with probability at most ``delta + significance``
+     but, in practice, far less often than ``significance`` (it is conservative and has less power);
    * class-conditional: the same per class (with the class's ``n_c``, ``k_c`` and test points), and
      a Bonferroni correction over the ``J`` classes with test points, ``p = min(1, J * min_c p_c)``, so
-     a valid certificate fails with probability at most the significance (plus ``J*delta`` for PAC).
+     a valid certificate fails with probability at most the significance (plus ``J*delta`` for a PAC
+     certificate under the binomial test).
 
-   It fails when ``p < significance``. A correct marginal certificate therefore fails at most a
-   ``significance`` share of honest audits; a PAC one at most ``delta + significance``.
+   It fails when ``p < significance``. A correct certificate therefore fails at most a ``significance``
+   share of honest audits (``delta + significance`` for the binomial PAC test).
+
+The verdict also states the test's power, ``min_detectable_drop`` (the smallest coverage drop failed
+with probability 0.8 at this ``n``, ``m`` and significance, from the same law:
+:mod:`prunecp_cli.conformal.power`), and the conditional metrics of
+:mod:`prunecp_cli.conformal.conditional` (class coverage gap, worst class, SSCV, singleton and empty
+rates; per group with ``groups``). Verdict ``schema_version`` 2 added these fields.
 """
 
 from __future__ import annotations
@@ -30,28 +42,51 @@ from typing import Any
 import torch
 
 from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
+from prunecp_cli.conformal.conditional import conditional_metrics, group_metrics
 from prunecp_cli.conformal.nonconformity import from_parameters, prediction_sets
+from prunecp_cli.conformal.power import DETECTION_POWER, CoverageLaw, min_detectable_drop
 from prunecp_cli.conformal.predictor import CERTIFY_STREAM, certificate_threshold
 from prunecp_cli.conformal.quantile import decimal_fraction
 from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value_pac
-from prunecp_cli.errors import CalibrationError, DataError
+from prunecp_cli.errors import CalibrationError, DataError, UsageError
 from prunecp_cli.options import DataSource, ModelSource, RunOptions
 from prunecp_cli.pipeline.calibration import check_labels, check_unused, set_metrics
 from prunecp_cli.pipeline.export_check import export_binding
+from prunecp_cli.pipeline.groups import read_groups
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.session import open_source
 
-__all__ = ["certify", "failure_message", "verdict_from_logits"]
+__all__ = ["PAC_TESTS", "VERDICT_SCHEMA_VERSION", "certify", "failure_message", "verdict_from_logits"]
+
+VERDICT_SCHEMA_VERSION = 2
+"""Version of the verdict's layout (2 added power, conditional metrics, groups and ``pac_test``)."""
+PAC_TESTS = ("beta-binomial", "binomial")
+"""How a training-conditional certificate is tested (module docstring); the first is the default."""
 
 
-def _p_value(covered: int, m: int, *, certificate: dict[str, Any], cls: int | None = None) -> tuple[float, str]:
-    if certificate["delta"] is not None:
-        return p_value_pac(covered, m, alpha=certificate["alpha"]), f"Binomial({m}, {1 - certificate['alpha']:g})"
+def _check_pac_test(pac_test: str) -> None:
+    if pac_test not in PAC_TESTS:
+        raise UsageError(f"{{pac_test}} {pac_test!r} is unknown; use one of {', '.join(PAC_TESTS)}",
+                         arguments={"pac_test": "pac_test"})
+
+
+def _law(m: int, *, certificate: dict[str, Any], cls: int | None, pac_test: str) -> CoverageLaw:
+    """The null law of the covered count among ``m`` test points (of class ``cls``)."""
+    if certificate["delta"] is not None and pac_test == "binomial":
+        return CoverageLaw(m, coverage=1 - certificate["alpha"])
     if cls is None:
-        n, k = certificate["data"]["n"], certificate["rank"]
-    else:
-        n, k = certificate["class_counts"][cls], certificate["rank"][cls]
-    return p_value_marginal(covered, m, n=n, k=k), f"Beta-Binomial({m}, {k}, {n + 1 - k})"
+        return CoverageLaw(m, n=certificate["data"]["n"], k=certificate["rank"])
+    return CoverageLaw(m, n=certificate["class_counts"][cls], k=certificate["rank"][cls])
+
+
+def _p_value(covered: int, m: int, *, certificate: dict[str, Any], cls: int | None = None,
+             pac_test: str = PAC_TESTS[0]) -> tuple[float, str]:
+    law = _law(m, certificate=certificate, cls=cls, pac_test=pac_test)
+    if law.coverage is not None:
+        return p_value_pac(covered, m, alpha=certificate["alpha"]), f"Binomial({m}, {1 - certificate['alpha']:g})"
+    at = " at the PAC rank" if certificate["delta"] is not None else ""
+    return (p_value_marginal(covered, m, n=law.n, k=law.k),
+            f"Beta-Binomial({m}, {law.k}, {law.n + 1 - law.k}){at}")
 
 
 CLASS_WARNING_LEVEL = 0.01
@@ -98,6 +133,8 @@ def verdict_from_logits(
     certificate: dict[str, Any],
     significance: float = 0.01,
     generator: torch.Generator | None = None,
+    pac_test: str = PAC_TESTS[0],
+    groups: list[Any] | None = None,
 ) -> dict[str, Any]:
     """The coverage audit of a certificate on test logits (a pure function; see the module docstring).
 
@@ -108,17 +145,23 @@ def verdict_from_logits(
         significance: Fail when the p-value is below this.
         generator: Source of ``U`` for randomised scores (default: the certificate seed's
             :data:`CERTIFY_STREAM`, never the calibration stream).
+        pac_test: ``beta-binomial`` (exact) or ``binomial`` (conservative), for PAC certificates.
+        groups: One group label per test point, for the per-group metrics, or None.
 
     Returns:
-        ``{passed, coverage, covered, n, mean_set_size, top1_accuracy, set_size_histogram,
-        per_class_coverage, per_class, p_value, test, significance, alpha, delta, guarantee,
-        class_conditional, low_coverage_classes, warnings, checks}``; ``checks`` holds the one
-        ``coverage`` check; ``warnings`` holds the :func:`class_warning` line when classes are flagged.
+        ``{schema_version, passed, coverage, covered, n, mean_set_size, top1_accuracy, set_size_histogram,
+        per_class_coverage, per_class, p_value, test, pac_test, significance, min_detectable_drop,
+        detection_power, alpha, delta, guarantee, class_conditional, class_coverage_gap, worst_class, sscv,
+        size_strata, singleton_rate, empty_rate, groups, low_coverage_classes, warnings, checks}``;
+        ``checks`` holds the one ``coverage`` check; ``warnings`` holds the :func:`class_warning` line
+        when classes are flagged; ``groups`` is None without group labels.
 
     Raises:
+        UsageError: An unknown ``pac_test``.
         DataError: Labels outside the model's classes, or the logits do not have the certificate's K.
     """
     decimal_fraction(significance, name="significance")
+    _check_pac_test(pac_test)
     if logits.dim() != 2 or logits.shape[1] != certificate["model"]["num_classes"]:
         raise DataError(f"logits of shape {list(logits.shape)} do not fit a certificate for "
                         f"{certificate['model']['num_classes']} classes; use the certified model")
@@ -140,18 +183,23 @@ def verdict_from_logits(
                 per_class.append({"class": c, "n": 0, "covered": 0, "coverage": None, "p_value": None})
                 continue
             hits = covered_count(sets[mask], labels.to(sets.device)[mask])
-            p_c, _ = _p_value(hits, m_c, certificate=certificate, cls=c)
+            p_c, _ = _p_value(hits, m_c, certificate=certificate, cls=c, pac_test=pac_test)
             per_class.append({"class": c, "n": m_c, "covered": hits, "coverage": hits / m_c, "p_value": p_c})
         tested = [r for r in per_class if r["p_value"] is not None]
         worst = min(tested, key=lambda r: r["p_value"])
         p_value = min(1.0, len(tested) * worst["p_value"])
-        family = "Binomial" if certificate["delta"] is not None else "Beta-Binomial"
+        family = "Binomial" if certificate["delta"] is not None and pac_test == "binomial" else "Beta-Binomial"
         test = f"{family} per class, Bonferroni over {len(tested)} classes"
         where = (f"class {worst['class']} (smallest p-value) coverage {worst['coverage']:.4f} "
                  f"({worst['covered']}/{worst['n']})")
+        laws = [_law(r["n"], certificate=certificate, cls=r["class"], pac_test=pac_test) for r in tested]
     else:
-        p_value, test = _p_value(covered, m, certificate=certificate)
+        p_value, test = _p_value(covered, m, certificate=certificate, pac_test=pac_test)
         where = f"coverage {covered / m:.4f} ({covered}/{m})"
+        laws = [_law(m, certificate=certificate, cls=None, pac_test=pac_test)]
+    drop = min_detectable_drop(laws, significance)
+    conditional = conditional_metrics(sets, labels, alpha=certificate["alpha"])
+    by_group = None if groups is None else group_metrics(sets, labels, groups, alpha=certificate["alpha"])
     flagged = [] if certificate["class_conditional"] else low_coverage_classes(sets, labels,
                                                                                 alpha=certificate["alpha"])
     passed = p_value >= significance
@@ -163,6 +211,7 @@ def verdict_from_logits(
                   f"< significance {significance:g} ({test}); the test data are not exchangeable with the "
                   "calibration data or the certificate is wrong: recalibrate on data like the deployment data")
     return {
+        "schema_version": VERDICT_SCHEMA_VERSION,
         "passed": passed,
         "coverage": covered / m,
         "covered": covered,
@@ -174,12 +223,17 @@ def verdict_from_logits(
         "per_class": per_class,
         "p_value": p_value,
         "test": test,
+        "pac_test": pac_test if certificate["delta"] is not None else None,
         "significance": significance,
+        "min_detectable_drop": drop,
+        "detection_power": DETECTION_POWER,
         "alpha": certificate["alpha"],
         "delta": certificate["delta"],
         "guarantee": certificate["guarantee"]["type"],
         "coverage_at_least": at_least,
         "class_conditional": certificate["class_conditional"],
+        **conditional,
+        "groups": by_group,
         "low_coverage_classes": flagged,
         # a failed coverage test says more than the per-class screen: warn only when the audit passed
         "warnings": [class_warning(flagged, alpha=certificate["alpha"])] if flagged and passed else [],
@@ -199,6 +253,8 @@ def certify(
     *,
     cert: str | Path | dict[str, Any],
     significance: float = 0.01,
+    pac_test: str = PAC_TESTS[0],
+    groups: str | Path | None = None,
     run: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """Audit ``cert`` for ``model`` on the held-out test split ``data``.
@@ -208,6 +264,8 @@ def certify(
         data: The test split: labelled, and disjoint from calibration and from everything the model used.
         cert: The certificate (path or dict).
         significance: Fail the coverage test when its p-value is below this.
+        pac_test: How a PAC certificate is tested: ``beta-binomial`` (exact) or ``binomial``.
+        groups: A ``.npy``/``.txt`` file with one group label per test example, for per-group metrics.
         run: Device, batch size (default 256) and reporter.
 
     Returns:
@@ -219,9 +277,11 @@ def certify(
         UsageError: ``significance`` outside (0, 1).
         CertificateError: The certificate is malformed or of another schema.
         CalibrationError: The test data are the calibration data or data the model used.
-        DataError: Unlabelled test data, or labels outside the model's classes.
+        DataError: Unlabelled test data, labels outside the model's classes, or a groups file that does
+            not fit the data.
     """
     decimal_fraction(significance, name="significance")
+    _check_pac_test(pac_test)
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
     model, data = ModelSource.of(model), DataSource.of(data)
     batch_size, reporter = run.batch(256), run.rep
@@ -233,6 +293,7 @@ def certify(
             f"{certificate['data']['file']}); certify needs a held-out test split that calibration did not use"
         )
     check_unused(dataset.sha256, session.used_data(), file=dataset.path.name, purpose="test")
+    group_labels, group_file = read_groups(groups, n=len(dataset)) if groups is not None else (None, None)
     checks = []
     expected = certificate["model"]["sha256"]
     bound = export_binding(loaded, certificate)  # an .onnx/.pt2 export: intact, of the certified model
@@ -252,19 +313,22 @@ def certify(
     record = {"model": {"file": loaded.path.name, "sha256": loaded.sha256},
               "data": {"file": dataset.path.name, "sha256": dataset.sha256},
               "certificate": {"file": Path(cert).name if not isinstance(cert, dict) else None,
-                              "model_sha256": expected, "data_sha256": certificate["data"]["sha256"]}}
+                              "model_sha256": expected, "data_sha256": certificate["data"]["sha256"]},
+              "groups_file": group_file}
     if not checks[0]["passed"]:
         checks.append({"name": "coverage", "passed": False,
                        "detail": "skipped: the certificate does not apply to this model file"})
-        return {"passed": False, "coverage": None, "covered": None, "n": len(dataset), "mean_set_size": None,
-                "p_value": None, "significance": significance, "alpha": certificate["alpha"],
+        return {"schema_version": VERDICT_SCHEMA_VERSION, "passed": False, "coverage": None, "covered": None, "n": len(dataset), "mean_set_size": None,
+                "p_value": None, "significance": significance, "min_detectable_drop": None,
+                "pac_test": pac_test if certificate["delta"] is not None else None, "alpha": certificate["alpha"],
                 "delta": certificate["delta"], "guarantee": certificate["guarantee"]["type"],
                 "coverage_at_least": certificate["guarantee"]["coverage_at_least"],
                 "class_conditional": certificate["class_conditional"], "low_coverage_classes": [], "warnings": [],
                 "checks": checks, **record}
     logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,
                                     num_classes=session.num_classes, reporter=reporter, description="certify")
-    verdict = verdict_from_logits(logits, labels, certificate=certificate, significance=significance)
+    verdict = verdict_from_logits(logits, labels, certificate=certificate, significance=significance,
+                                  pac_test=pac_test, groups=group_labels)
     for message in verdict["warnings"]:
         reporter.warn(message)
     verdict["checks"] = checks + verdict["checks"]

@@ -17,7 +17,8 @@ from prunecp_cli.errors import CalibrationError, CertificateError
 from prunecp_cli.io.files import write_json
 from prunecp_cli.pipeline.calibration import certificate_from_logits, make_nonconformity
 
-GOLDEN = Path(__file__).parents[1] / "golden" / "certificate_v1.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "certificate_v2.json"
+GOLDEN_V1 = Path(__file__).parents[1] / "golden" / "certificate_v1.json"
 MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
          "params": 100, "flops": 1000, "flops_unit": "FLOPs"}
 DATA = {"file": "calib.npz", "sha256": "b" * 64}
@@ -51,10 +52,26 @@ def _keys(obj, prefix=""):
 
 def test_golden_certificate_loads_and_validates():
     cert = load_certificate(GOLDEN)
-    assert cert["schema_version"] == SCHEMA_VERSION == 1
+    assert cert["schema_version"] == SCHEMA_VERSION == 2
     assert cert["guarantee"]["type"] == "marginal" and cert["delta"] is None
     n, k = cert["data"]["n"], cert["rank"]
     assert k == math.ceil((n + 1) * 9 / 10) and cert["quantile_level"] == k / n
+    calib = cert["calibration"]
+    hist = calib["set_size_histogram"]
+    assert calib["singleton_rate"] == hist[1] / n and calib["empty_rate"] == hist[0] / n
+    per_class = calib["per_class_coverage"]
+    assert calib["worst_class"]["coverage"] == min(per_class) == per_class[calib["worst_class"]["class"]]
+    assert math.isclose(calib["class_coverage_gap"], sum(abs(c - 0.9) for c in per_class) / len(per_class))
+
+
+def test_schema_1_certificates_still_load():
+    """A certificate written before schema 2 (no calibration conditional metrics) still reads."""
+    cert = load_certificate(GOLDEN_V1)
+    assert cert["schema_version"] == 1 and "sscv" not in cert["calibration"]
+    v2 = json.loads(GOLDEN.read_text())
+    v2["calibration"].pop("sscv")
+    with pytest.raises(CertificateError, match="'calibration.sscv' is missing"):
+        validate_certificate(v2)
 
 
 def test_fresh_certificate_has_the_golden_layout(calib_logits):
@@ -148,7 +165,7 @@ def test_validation_names_the_field(tmp_path, mutate, expected):
     assert expected in message and "\n" not in message, message
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", "2", None, True])
 def test_unknown_schema_version_is_rejected(tmp_path, version):
     cert = json.loads(GOLDEN.read_text())
     cert["schema_version"] = version
