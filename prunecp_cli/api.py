@@ -304,6 +304,7 @@ def report(
     cert: str | Path | None = None,
     latency: bool = True,
     repeats: int = 30,
+    ort: bool = False,
     run: RunOptions = RunOptions(),
 ):
     """Parameters, FLOPs and measured latency of a model against its dense baseline, as data.
@@ -314,14 +315,53 @@ def report(
         cert: a certificate to summarise.
         latency: time both models.
         repeats: timed forward passes per model.
+        ort: also time both models in ONNX Runtime beside PyTorch (CPU), at batch 1 and the batch size.
         run: device, batch size (default 32), reporter.
     """
     model = ModelSource.of(model)
+    from prunecp_cli.pipeline.report import Timing
     from prunecp_cli.pipeline.report import report as run_report
 
+    timing = Timing(latency=latency, batch_size=run.batch(32), repeats=repeats, ort=ort)
     return run_report(model.checkpoint, baseline=baseline, arch=model.arch, arch_kwargs=model.arch_kwargs,
-                      input_shape=model.input_shape, device=run.device, batch_size=run.batch(32), repeats=repeats,
-                      latency=latency, cert=cert, reporter=run.rep, trust_arch=model.trust_arch)
+                      input_shape=model.input_shape, device=run.device, timing=timing, cert=cert, reporter=run.rep,
+                      trust_arch=model.trust_arch)
+
+
+def export(
+    model: str | Path | ModelSource,
+    output: str | Path,
+    *,
+    cert: str | Path | dict[str, Any],
+    format: str = "onnx",  # noqa: A002 - the command line's --format
+    data: str | Path | DataSource | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    verify: bool = True,
+    run: RunOptions = RunOptions(),
+) -> dict[str, Any]:
+    """Export the certified model to ONNX or a ``torch.export`` program, with the certificate's essentials inside.
+
+    With ``verify`` (the default, which needs ``data``) the exported file is run (ONNX Runtime, or the
+    loaded program) on ``data`` and its prediction sets at q̂ must equal the prunecp model's on every
+    input; otherwise nothing is written and :class:`~prunecp_cli.errors.CertificationFailed` (exit 4) is
+    raised. See :func:`prunecp_cli.pipeline.export.export`.
+
+    Raises:
+        UsageError: an unknown format, an output that does not end in ``.onnx``/``.pt2`` as ``format``
+            says, or no ``data`` without ``verify=False``.
+    """
+    model, data = ModelSource.of(model), DataSource.of(data)
+    if format not in ("onnx", "pt2"):
+        raise UsageError(f"{{fmt}} {format!r}: give onnx or pt2", arguments={"fmt": "format"})
+    checks.check_output(output, suffixes=(f".{format}",), inputs=[
+        ("model", _path(model)), ("data", _path(data)), ("cert", cert if not isinstance(cert, dict) else None)])
+    if opset is not None and (format != "onnx" or not 7 <= opset <= 30):
+        raise UsageError("{opset} applies to onnx and must lie in 7..30 (e.g. 18)", arguments={"opset": "opset"})
+    from prunecp_cli.pipeline.export import export as run_export
+
+    return run_export(model, output, cert=cert, fmt=format, data=data, opset=opset, dynamic_batch=dynamic_batch,
+                      verify=verify, run=run)
 
 
 def export(

@@ -149,7 +149,15 @@ def summary_rows(data: ReportData) -> list[tuple[str, str, str]]:
             _pair(lat_b.median_ms if lat_b else None, lat_a.median_ms, ms),
             _pct(lat_b.median_ms if lat_b else None, lat_a.median_ms),
         ))
+    for row in data.deployment or []:  # report --ort
+        rows.append((f"{row['runtime']} latency (batch {row['batch_size']}, {row['device']}, {row['threads']} "
+                     f"threads, median of {row['repeats']})", _pair(row["dense_ms"], row["pruned_ms"], _ms),
+                     _pct(row["dense_ms"], row["pruned_ms"])))
     return rows
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms"
 
 
 def render_table(data: ReportData, console: Console) -> None:

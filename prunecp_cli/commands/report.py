@@ -30,6 +30,8 @@ def report(
                                                 "instead of stdout.")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
     repeats: Annotated[int, typer.Option("--repeats", min=3, help="Timed forward passes per model.")] = 30,
+    ort: Annotated[bool, typer.Option("--ort", help="Also time both models in ONNX Runtime beside PyTorch (CPU, "
+                                      "batch 1 and --batch-size): the speed a deployment gets.")] = False,
     cert: Annotated[Path | None, typer.Option("--cert", help="certificate.json to summarise (alpha, quantile, "
                                                  "guarantee, calibration coverage and set size).")] = None,
     *,
@@ -43,7 +45,7 @@ def report(
     suffixes = {Format.json: api.JSON_SUFFIXES, Format.markdown: (".md", ".markdown"), Format.table: (".txt",)}[fmt]
     api.check_output(out, suffixes=suffixes, inputs=[("model", model), ("baseline", baseline), ("cert", cert)])
     data = api.report(o.model(model), baseline=baseline, cert=cert,
-                      latency=latency, repeats=repeats,
+                      latency=latency, repeats=repeats, ort=ort,
                       run=o.run(results_to_stderr=out is None))
     if fmt is Format.json:
         text = json.dumps(data.to_json(), indent=2) + "\n"

@@ -71,9 +71,8 @@ def _dynamic_shapes(example: torch.Tensor, dynamic: bool):
     return example.expand(2, *example.shape[1:]).contiguous(), ({0: torch.export.Dim("batch", min=1)},)
 
 
-def build_onnx(model: nn.Module, example: torch.Tensor, *, record: dict[str, Any], opset: int | None,
-               dynamic: bool) -> tuple[bytes, int]:
-    """The ONNX model (dynamo exporter) with ``record`` embedded, and its default-domain opset."""
+def onnx_proto(model: nn.Module, example: torch.Tensor, *, opset: int | None, dynamic: bool):
+    """The ONNX ``ModelProto`` of ``model`` (dynamo exporter), without a prunecp record."""
     example, shapes = _dynamic_shapes(example, dynamic)
     try:
         with warnings.catch_warnings():
@@ -83,7 +82,13 @@ def build_onnx(model: nn.Module, example: torch.Tensor, *, record: dict[str, Any
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise CheckpointError(f"torch.onnx.export cannot export this model ({brief(exc)}); try --format pt2, or "
                               "another --opset") from None
-    proto = program.model_proto
+    return program.model_proto
+
+
+def build_onnx(model: nn.Module, example: torch.Tensor, *, record: dict[str, Any], opset: int | None,
+               dynamic: bool) -> tuple[bytes, int]:
+    """The ONNX model (dynamo exporter) with ``record`` embedded, and its default-domain opset."""
+    proto = onnx_proto(model, example, opset=opset, dynamic=dynamic)
     used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
     record = {**record, "opset": used, "exporter": "torch.onnx.export(dynamo=True)"}
     return ex.embed_onnx(proto, record), used

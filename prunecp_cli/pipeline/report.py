@@ -52,6 +52,8 @@ class ReportData:
     flops_unit: str = FLOPS_UNIT
     metadata: dict[str, Any] = field(default_factory=dict)
     certificate: dict[str, Any] | None = None
+    deployment: list[dict[str, Any]] | None = None
+    """``report --ort``: PyTorch and ONNX Runtime latency rows (see :mod:`prunecp_cli.pipeline.report_ort`)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -77,6 +79,23 @@ PROVENANCE_KEYS = ("method", "target", "source_sha256", "data_sha256", "risk_con
                    "finetune")
 
 
+@dataclass(frozen=True)
+class Timing:
+    """What ``report`` times.
+
+    Attributes:
+        latency: time both models in PyTorch.
+        batch_size: examples per timed forward pass.
+        repeats: timed forward passes per model.
+        ort: also time them in ONNX Runtime, at batch 1 and ``batch_size`` (``report --ort``).
+    """
+
+    latency: bool = True
+    batch_size: int = 32
+    repeats: int = 30
+    ort: bool = False
+
+
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_TYPES))}
 
@@ -93,9 +112,7 @@ def report(
     arch_kwargs: dict[str, Any] | None = None,
     input_shape: list[int] | None = None,
     device: str = "auto",
-    batch_size: int = 32,
-    repeats: int = 30,
-    latency: bool = True,
+    timing: Timing = Timing(),
     cert: str | Path | None = None,
     reporter: Reporter = SILENT,
     trust_arch: bool = False,
@@ -109,9 +126,7 @@ def report(
         arch_kwargs: its keyword arguments.
         input_shape: example shape when the file does not record one.
         device: where to time the models.
-        batch_size: examples per timed forward pass.
-        repeats: timed forward passes per model.
-        latency: measure latency (off to save time).
+        timing: what to time (:class:`Timing`; ``latency=False`` saves time).
         cert: a ``certificate.json`` to summarise (validated with ``load_certificate``).
         reporter: progress and messages.
         trust_arch: build the architecture a prunecp file (``model`` or ``baseline``) names even from an
@@ -151,15 +166,22 @@ def report(
             flops_after=after_flops.get(name, 0),
         ))
     timings: dict[str, Latency | None] = {"before": None, "after": None}
-    if latency:
+    if timing.latency:
         with reporter.status("timing"):
             shape = tuple(session.input_shape)
-            timings["after"] = measure_latency(pruned, shape, batch_size=batch_size, device=session.device,
-                                               repeats=repeats)
+            timings["after"] = measure_latency(pruned, shape, batch_size=timing.batch_size, device=session.device,
+                                               repeats=timing.repeats)
             if dense is not None:
-                timings["before"] = measure_latency(dense, shape, batch_size=batch_size, device=session.device,
-                                                    repeats=repeats)
+                timings["before"] = measure_latency(dense, shape, batch_size=timing.batch_size,
+                                                    device=session.device, repeats=timing.repeats)
         pruned.cpu()
+    deployment = None
+    if timing.ort:
+        from prunecp_cli.pipeline.report_ort import deployment_latency
+
+        with reporter.status("timing PyTorch and ONNX Runtime"):
+            deployment = deployment_latency({"dense": dense, "pruned": pruned.cpu()}, example,
+                                            batch_sizes=[1, timing.batch_size], repeats=timing.repeats)
     return ReportData(
         model=str(model),
         baseline=str(baseline) if baseline is not None else ("unpruned architecture" if dense is not None else None),
@@ -170,6 +192,7 @@ def report(
         latency=timings,
         metadata=_provenance(meta.extra, pruned),
         certificate=certificate,
+        deployment=deployment,
     )
 
 

@@ -169,3 +169,15 @@ def test_certify_on_safetensors_imports_no_onnx(work):
                           "--data", str(work["test"]), "--quiet"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "LOADED=\n" in out.stdout, out.stdout[-200:]
+
+
+def test_report_ort_times_both_runtimes(work):
+    from prunecp_cli import present
+
+    data = api.report(work["pruned"], repeats=3, ort=True, run=api.RunOptions(device="cpu", batch_size=8))
+    rows = data.deployment
+    assert [(r["runtime"], r["batch_size"]) for r in rows] == [("PyTorch", 1), ("PyTorch", 8), ("ONNX Runtime", 1),
+                                                               ("ONNX Runtime", 8)]
+    assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in rows)
+    assert "ONNX Runtime latency (batch 8" in present.render_markdown(data)
+    assert json.loads(json.dumps(data.to_json()))["deployment"][2]["runtime"] == "ONNX Runtime"
