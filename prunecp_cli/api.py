@@ -364,42 +364,6 @@ def export(
                       verify=verify, run=run)
 
 
-def export(
-    model: str | Path | ModelSource,
-    output: str | Path,
-    *,
-    cert: str | Path | dict[str, Any],
-    format: str = "onnx",  # noqa: A002 - the command line's --format
-    data: str | Path | DataSource | None = None,
-    opset: int | None = None,
-    dynamic_batch: bool = False,
-    verify: bool = True,
-    run: RunOptions = RunOptions(),
-) -> dict[str, Any]:
-    """Export the certified model to ONNX or a ``torch.export`` program, with the certificate's essentials inside.
-
-    With ``verify`` (the default, which needs ``data``) the exported file is run (ONNX Runtime, or the
-    loaded program) on ``data`` and its prediction sets at q̂ must equal the prunecp model's on every
-    input; otherwise nothing is written and :class:`~prunecp_cli.errors.CertificationFailed` (exit 4) is
-    raised. See :func:`prunecp_cli.pipeline.export.export`.
-
-    Raises:
-        UsageError: an unknown format, an output that does not end in ``.onnx``/``.pt2`` as ``format``
-            says, or no ``data`` without ``verify=False``.
-    """
-    model, data = ModelSource.of(model), DataSource.of(data)
-    if format not in ("onnx", "pt2"):
-        raise UsageError(f"{{fmt}} {format!r}: give onnx or pt2", arguments={"fmt": "format"})
-    checks.check_output(output, suffixes=(f".{format}",), inputs=[
-        ("model", _path(model)), ("data", _path(data)), ("cert", cert if not isinstance(cert, dict) else None)])
-    if opset is not None and (format != "onnx" or not 7 <= opset <= 30):
-        raise UsageError("{opset} applies to onnx and must lie in 7..30 (e.g. 18)", arguments={"opset": "opset"})
-    from prunecp_cli.pipeline.export import export as run_export
-
-    return run_export(model, output, cert=cert, fmt=format, data=data, opset=opset, dynamic_batch=dynamic_batch,
-                      verify=verify, run=run)
-
-
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of a torchrun launch (rank 0 writes and prints)."""
     from prunecp_cli import dist
