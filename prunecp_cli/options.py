@@ -156,6 +156,8 @@ class PruneOptions:
         ignore: layers to keep whole (the classifier is always kept).
         bn_recalibrate: re-estimate BatchNorm on the score data (None: when data are given).
         granularity: ``channel`` (physical removal) or ``weight`` (unstructured zeros, no speed-up).
+        strict: refuse (exit 3) when some groups must be kept whole because their channel mapping
+            cannot be followed, instead of pruning the rest and saying so.
     """
 
     ratio: float | None = None
@@ -167,6 +169,7 @@ class PruneOptions:
     ignore: tuple[str, ...] = ()
     bn_recalibrate: bool | None = None
     granularity: str = "channel"
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,8 @@ class RiskOptions:
         risk: ``disagreement``, ``error``, ``excess-error`` or ``set-size``.
         grid: increasing levels, a list or ``"0.05,0.1"`` / ``"START:STOP:STEP"`` (None: 0.05 … 0.95).
         grid_kind: ``ratio`` (fraction removed) or ``flops`` (fraction of FLOPs removed).
-        pvalue: ``binomial``, ``hb``, ``hoeffding`` or ``bentkus`` (None: by the risk's kind).
+        pvalue: ``binomial``, ``wsr``, ``hb``, ``hoeffding`` or ``bentkus`` (None: binomial for 0/1 losses,
+            wsr for bounded ones).
         max_set_size: the bound B on the mean set size, for ``set-size``.
         cert: the certificate whose nonconformity, alpha and delta make the sets, for ``set-size``.
     """
@@ -196,7 +200,9 @@ class RiskOptions:
     cert: str | Path | None = None
 
 
-LOSSES = ("ce", "conftr")
+LOSSES = ("ce", "conftr", "kd", "kd+ce")
+DISTILLING = ("kd", "kd+ce")
+"""The losses that distil the dense teacher (``kd`` needs no labels)."""
 
 
 @dataclass(frozen=True)
@@ -209,11 +215,13 @@ class FinetuneConfig:
         momentum: SGD Nesterov momentum.
         weight_decay: L2 weight decay.
         batch_size: examples per step (per process under torchrun).
-        loss: ``ce`` or ``conftr``.
+        loss: ``ce``, ``conftr``, ``kd`` (distil the dense model's softened outputs; no labels) or
+            ``kd+ce`` (distillation plus ``ce_weight`` × cross-entropy).
         conftr_alpha: ConfTr's training miscoverage.
         conftr_temperature: ConfTr's sigmoid temperature T.
         conftr_size_weight: ConfTr's λ on the size loss.
-        ce_weight: weight of cross-entropy added to the ConfTr objective.
+        ce_weight: weight of cross-entropy added to the ConfTr or ``kd+ce`` objective.
+        kd_temperature: distillation temperature T (the loss is scaled by T²).
         seed: shuffling and batch-split seed.
     """
 
@@ -228,6 +236,7 @@ class FinetuneConfig:
     conftr_size_weight: float = 0.5
     ce_weight: float = 1.0
     seed: int = 0
+    kd_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -236,6 +245,9 @@ class FinetuneConfig:
             raise UsageError(f"{{epochs}} {self.epochs} must be at least 0", arguments={"epochs": "epochs"})
         if self.lr <= 0:
             raise UsageError(f"{{lr}} {self.lr} must be positive", arguments={"lr": "lr"})
+        if not self.kd_temperature > 0:
+            raise UsageError(f"{{kd_temperature}} {self.kd_temperature} must be positive",
+                             arguments={"kd_temperature": "kd_temperature"})
         if self.loss == "conftr":
             from prunecp_cli.conformal.quantile import min_calibration_size
 
@@ -245,6 +257,16 @@ class FinetuneConfig:
                     f"{{loss}} conftr at training alpha {self.conftr_alpha} needs batches of at least {need} "
                     f"(half of each batch calibrates); got {{finetune_batch_size}} {self.batch_size}", arguments={"loss": "loss", "finetune_batch_size": "finetune_batch_size"}
                 )
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss distils the dense teacher."""
+        return self.loss in DISTILLING
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the fine-tuning data must be labelled (every loss but ``kd``)."""
+        return self.loss != "kd"
 
     def to_json(self) -> dict:
         """The settings as a JSON object (recorded in the model metadata)."""

@@ -52,6 +52,10 @@ def prune(
                                              "of the whole network, unstructured (Alvarez 2024); shapes, parameter "
                                              "count and FLOPs stay the same, so there is NO speed-up.",
                                              rich_help_panel="Pruning")] = "channel",
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 when some channel groups must be kept whole "
+                                         "(their channels pass through a reshape, split or grouping prunecp cannot "
+                                         "follow) instead of pruning the others and saying so in one line.",
+                                         rich_help_panel="Pruning")] = False,
     risk_data: Annotated[Path | None, typer.Option("--risk-data", help="Prune as far as Learn-then-Test certifies "
                                                       "on these data (disjoint from --data and from any calibration "
                                                       "data; only the test reads them).", rich_help_panel=_RISK)] = None,
@@ -70,22 +74,25 @@ def prune(
                                                      "(or, with --granularity weight, of weights) removed (default); "
                                                      "flops: the fraction of the dense FLOPs removed.",
                                                      rich_help_panel=_RISK)] = None,
-    pvalue: Annotated[str | None, typer.Option("--pvalue", help="binomial (exact, default for 0/1 losses), hb "
-                                                  "(Hoeffding-Bentkus, default for bounded losses), hoeffding or "
-                                                  "bentkus.", rich_help_panel=_RISK)] = None,
+    pvalue: Annotated[str | None, typer.Option("--pvalue", help="binomial (exact, default for 0/1 losses), wsr "
+                                                  "(Waudby-Smith-Ramdas betting, variance-adaptive, default for bounded "
+                                                  "losses), hb (Hoeffding-Bentkus), hoeffding or bentkus.",
+                                                  rich_help_panel=_RISK)] = None,
     max_set_size: Annotated[float | None, typer.Option("--max-set-size", help="--risk set-size: bound B on the mean "
                                                           "prediction-set size, in (1, K).", rich_help_panel=_RISK)] = None,
     cert: Annotated[Path | None, typer.Option("--cert", help="--risk set-size: certificate whose nonconformity, alpha "
                                                  "and delta make the sets (q-hat is recalibrated on half of the risk "
                                                  "data at each level).", rich_help_panel=_RISK)] = None,
-    finetune_data: Annotated[Path | None, typer.Option("--finetune-data", help="Labelled data to fine-tune on after "
-                                                       "pruning (e.g. the score split; never calibration data).",
+    finetune_data: Annotated[Path | None, typer.Option("--finetune-data", help="Data to fine-tune on after pruning "
+                                                       "(e.g. the score split; never calibration data); labelled "
+                                                       "unless --loss kd.",
                                                        rich_help_panel=_TUNE)] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Fine-tuning epochs per step.",
                                         rich_help_panel=_TUNE)] = 2,
     loss: Annotated[str, typer.Option("--loss", help="ce: cross-entropy; conftr: conformal training (Stutz et al. "
-                                      "2022) plus cross-entropy, for small prediction sets.",
-                                      rich_help_panel=_TUNE)] = "ce",
+                                      "2022) plus cross-entropy, for small prediction sets; kd: distil the dense "
+                                      "model's softened outputs (needs no labels); kd+ce: kd plus --ce-weight x "
+                                      "cross-entropy.", rich_help_panel=_TUNE)] = "ce",
     lr: Annotated[float, typer.Option("--lr", help="Peak SGD learning rate (Nesterov momentum 0.9, cosine "
                                       "schedule).", rich_help_panel=_TUNE)] = 0.01,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.",
@@ -99,8 +106,11 @@ def prune(
                                                       rich_help_panel=_TUNE)] = 0.5,
     conftr_size_weight: Annotated[float, typer.Option("--conftr-size-weight", help="ConfTr weight of the set-size "
                                                       "loss.", rich_help_panel=_TUNE)] = 0.5,
-    ce_weight: Annotated[float, typer.Option("--ce-weight", help="Cross-entropy weight added to the ConfTr loss.",
-                                             rich_help_panel=_TUNE)] = 1.0,
+    ce_weight: Annotated[float, typer.Option("--ce-weight", help="Cross-entropy weight added to the ConfTr or "
+                                             "kd+ce loss.", rich_help_panel=_TUNE)] = 1.0,
+    kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="Distillation temperature T of --loss kd "
+                                                  "and kd+ce (the loss is scaled by T^2).",
+                                                  rich_help_panel=_TUNE)] = 4.0,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Reach the target in S equal steps, re-scoring "
                                        "(--method), recalibrating BatchNorm and fine-tuning between them.",
                                        rich_help_panel=_TUNE)] = 1,
@@ -128,10 +138,10 @@ def prune(
     finetune = None if finetune_data is None else api.FinetuneConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=finetune_batch_size, loss=loss,
         conftr_alpha=conftr_alpha, conftr_temperature=conftr_temperature, conftr_size_weight=conftr_size_weight,
-        ce_weight=ce_weight, seed=o.seed)
+        ce_weight=ce_weight, seed=o.seed, kd_temperature=kd_temperature)
     pruning = api.PruneOptions(ratio=ratio, target_flops=target_flops, scope=scope, max_layer_ratio=max_layer_ratio,
                                round_to=round_to, protect=protect, ignore=tuple(ignore or ()),
-                               bn_recalibrate=bn_recalibrate, granularity=granularity)
+                               bn_recalibrate=bn_recalibrate, granularity=granularity, strict=strict)
     run = o.run()
     rep = run.rep
     result = api.prune(o.model(checkpoint), out, scores=scores,
@@ -139,6 +149,11 @@ def prune(
                        pruning=pruning, steps=steps, finetune=finetune,
                        finetune_data=o.data(finetune_data),
                        risk=control, run=run)
+    if "auto" in result.extra:
+        from prunecp_cli import present
+
+        for line in present.auto_lines(result.extra["auto"]):
+            rep.info(line)
     if control is not None:
         record = result.extra["risk_control"]
         rep.info(f"certified: {record['level_text']}. {record['statement']}")

@@ -3,7 +3,8 @@
 **Risks** (:mod:`prunecp_cli.riskcontrol.losses`): ``disagreement`` (label-free, pruned top-1 ≠
 dense top-1), ``error`` (pruned top-1 error), ``excess-error`` (pruned minus dense error, loss
 rescaled to ``[0, 1]``, tested at ``(ε + 1) / 2``) and ``set-size`` (mean conformal set size ≤ B).
-p-values: exact binomial for the 0/1 losses, Hoeffding–Bentkus for the bounded ones.
+p-values: exact binomial for the 0/1 losses, WSR betting (:mod:`prunecp_cli.riskcontrol.betting`) for the
+bounded ones; ``hb``, ``hoeffding`` and ``bentkus`` on request.
 
 **Set size.** A set size depends on a conformal threshold q̂ that must be calibrated on labelled
 data disjoint from the test points. The risk data are therefore split in two halves by a permutation
@@ -28,10 +29,13 @@ import torch
 from prunecp_cli.errors import UsageError
 from prunecp_cli.io.data import split_indices
 from prunecp_cli.io.files import sha256_file
+from prunecp_cli.riskcontrol.betting import wsr_pvalue
 from prunecp_cli.riskcontrol.fixed_sequence import FixedSequenceResult, fixed_sequence_search
 from prunecp_cli.riskcontrol.losses import RiskSpec, get_risk
 from prunecp_cli.riskcontrol.pvalues import PVALUE_METHODS, pvalue
 
+RISK_PVALUES = ("binomial", "wsr", *[m for m in PVALUE_METHODS if m != "binomial"])
+"""p-values a risk test accepts: the mean-based ones of :mod:`~prunecp_cli.riskcontrol.pvalues` and ``wsr``."""
 DEFAULT_GRID = tuple(round(0.05 * j, 2) for j in range(1, 20))
 GRID_KINDS = ("ratio", "flops")
 _PHRASES = {
@@ -83,7 +87,7 @@ class RiskTest:
         spec: the risk (loss, labels needed, binary or bounded).
         target: the user's bound: ε for a risk, ``B`` for ``set-size``.
         loss_alpha: the level the mean loss is tested at (ε, ``(ε+1)/2`` or ``(B−1)/(K−1)``).
-        pvalue: p-value method (``binomial``, ``hb``, ``hoeffding`` or ``bentkus``).
+        pvalue: p-value method (``binomial``, ``wsr``, ``hb``, ``hoeffding`` or ``bentkus``).
         delta: family-wise error rate.
         num_classes: classes of the model.
     """
@@ -99,6 +103,8 @@ class RiskTest:
         """``(mean loss, p-value of H: risk > target)`` for per-example losses in ``[0, 1]``."""
         losses = np.asarray(losses, dtype=np.float64)
         mean = float(losses.sum()) / losses.size if losses.size else 0.0
+        if self.pvalue == "wsr":
+            return mean, wsr_pvalue(losses, self.loss_alpha, delta=self.delta)
         return mean, pvalue(self.pvalue, mean, losses.size, self.loss_alpha, binary=self.spec.binary)
 
     def in_user_units(self, loss_mean: float) -> float:
@@ -132,10 +138,10 @@ def risk_test(risk: str, *, num_classes: int, max_risk: float | None = None, max
                              "of {max_risk}", arguments={"risk": "risk", "max_set_size": "max_set_size", "cert": "cert", "max_risk": "max_risk"})
         target = float(max_set_size)
     method = pvalue_method or spec.pvalue_method
-    if method not in PVALUE_METHODS:
-        raise UsageError(f"{{pvalue}} {method!r} is unknown; use one of {', '.join(PVALUE_METHODS)}", arguments={"pvalue": "pvalue"})
+    if method not in RISK_PVALUES:
+        raise UsageError(f"{{pvalue}} {method!r} is unknown; use one of {', '.join(RISK_PVALUES)}", arguments={"pvalue": "pvalue"})
     if method == "binomial" and not spec.binary:
-        raise UsageError(f"{{pvalue}} binomial needs a 0/1 loss, but {{risk}} {risk} is bounded, not binary; use hb", arguments={"pvalue": "pvalue", "risk": "risk"})
+        raise UsageError(f"{{pvalue}} binomial needs a 0/1 loss, but {{risk}} {risk} is bounded, not binary; use wsr or hb", arguments={"pvalue": "pvalue", "risk": "risk"})
     return RiskTest(spec, target, spec.loss_alpha(target, num_classes=num_classes), method, float(delta),
                     num_classes)
 

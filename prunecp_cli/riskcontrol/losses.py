@@ -10,8 +10,8 @@ risk                      labels  binary   p-value     alpha given to the p-valu
 ========================  ======  =======  ==========  ============================================
 ``disagreement``          no      yes      binomial    ``alpha``
 ``error``                 yes     yes      binomial    ``alpha``
-``excess-error``          yes     no       hb          ``(alpha + 1) / 2``
-``set-size``              no      no       hb          ``(B - 1) / (K - 1)`` for a size bound ``B``
+``excess-error``          yes     no       wsr         ``(alpha + 1) / 2``
+``set-size``              no      no       wsr         ``(B - 1) / (K - 1)`` for a size bound ``B``
 ========================  ======  =======  ==========  ============================================
 """
 
@@ -239,8 +239,12 @@ class RiskSpec:
 
     @property
     def pvalue_method(self) -> str:
-        """``"binomial"`` for binary losses, else ``"hb"`` (Hoeffding-Bentkus, ``binary=False``)."""
-        return "binomial" if self.binary else "hb"
+        """``"binomial"`` for binary losses (exact), else ``"wsr"`` (betting, variance-adaptive).
+
+        WSR replaced Hoeffding-Bentkus as the bounded-loss default: it is valid (FWER <= delta, simulated
+        in tests/riskcontrol/test_betting.py) and far more powerful on low-variance losses.
+        """
+        return "binomial" if self.binary else "wsr"
 
     def loss_alpha(self, target: float, *, num_classes: int | None = None) -> float:
         """The level at which the loss's empirical risk is tested.

@@ -9,7 +9,9 @@ every ``u`` whenever ``H`` holds. A small ``p`` is evidence that the risk is at 
 * :func:`hoeffding_pvalue`: ``exp(-2 n (alpha - risk_hat)_+^2)`` for any loss in ``[0, 1]``.
 * :func:`bentkus_pvalue`: ``e * P(Bin(n, alpha) <= ceil(n risk_hat))`` for any loss in ``[0, 1]``.
 * :func:`hoeffding_bentkus_pvalue`: the minimum of the Hoeffding (Chernoff/KL form) and Bentkus
-  p-values, the default of Learn-then-Test for bounded losses.
+  p-values, Learn-then-Test's bound for bounded losses when only the mean is known.
+* ``wsr``: the Waudby-Smith–Ramdas betting p-value, :func:`prunecp_cli.riskcontrol.betting.wsr_pvalue`;
+  it needs the per-example losses, not just their mean, so :func:`pvalue` does not compute it.
 
 References:
     Angelopoulos, Bates, Candès, Jordan, Lei (2021), "Learn then Test: Calibrating Predictive

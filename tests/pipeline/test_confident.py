@@ -85,7 +85,7 @@ def test_certify_losses_stops_at_first_failure():
 def test_risk_test_levels_and_pvalue_defaults():
     assert risk_test("disagreement", num_classes=10, max_risk=0.02).pvalue == "binomial"
     excess = risk_test("excess-error", num_classes=10, max_risk=0.02)
-    assert excess.pvalue == "hb" and excess.loss_alpha == pytest.approx(0.51)
+    assert excess.pvalue == "wsr" and excess.loss_alpha == pytest.approx(0.51)
     assert excess.in_user_units(0.5) == pytest.approx(0.0)
     size = risk_test("set-size", num_classes=10, max_set_size=2.0)
     assert size.loss_alpha == pytest.approx(1 / 9) and size.in_user_units(1 / 9) == pytest.approx(2.0)

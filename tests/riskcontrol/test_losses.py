@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prunecp_cli.errors import DataError, UsageError
+from prunecp_cli.riskcontrol.betting import wsr_pvalue
 from prunecp_cli.riskcontrol.losses import (
     RISKS,
     disagreement_loss,
@@ -132,8 +133,8 @@ def test_registry():
     assert table == {
         "disagreement": (False, True, "binomial", "alpha"),
         "error": (True, True, "binomial", "alpha"),
-        "excess-error": (True, False, "hb", "alpha"),
-        "set-size": (False, False, "hb", "max_size"),
+        "excess-error": (True, False, "wsr", "alpha"),
+        "set-size": (False, False, "wsr", "max_size"),
     }
     assert RISKS["disagreement"].loss_alpha(0.03) == 0.03
     assert RISKS["error"].loss_alpha(0.03) == 0.03
@@ -156,12 +157,14 @@ def test_get_risk():
 
 
 def test_registry_losses_feed_their_pvalue():
-    """Binary losses give integer counts (binomial accepts them); bounded ones go through HB."""
+    """Binary losses give integer counts (binomial accepts them); bounded ones go through WSR (or HB)."""
     for name in ("disagreement", "error"):
         spec = RISKS[name]
         loss = spec.loss(PRUNED, LABELS) if spec.needs_labels else spec.loss(PRUNED, DENSE)
         assert 0.0 <= pvalue(spec.pvalue_method, float(loss.mean()), len(loss), spec.loss_alpha(0.5)) <= 1.0
     spec = RISKS["excess-error"]
     loss = spec.loss(PRUNED, DENSE, LABELS)
-    p = pvalue(spec.pvalue_method, float(loss.mean()), len(loss), spec.loss_alpha(0.5), binary=spec.binary)
+    assert spec.pvalue_method == "wsr"
+    assert 0.0 < wsr_pvalue(np.asarray(loss), spec.loss_alpha(0.5), delta=0.1) <= 1.0
+    p = pvalue("hb", float(loss.mean()), len(loss), spec.loss_alpha(0.5), binary=spec.binary)
     assert 0.0 <= p <= 1.0
