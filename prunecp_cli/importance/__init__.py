@@ -37,17 +37,25 @@ class MethodInfo:
     options: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
+_MAGNITUDE_OPTIONS = {
+    "members": ("all", "all: every member's weights; filters: the producers' filters only, summed (the old l1)"),
+    "normalise": ("mean", "mean: divide each member's norms by their mean before averaging; none: raw norms"),
+}
+
 METHODS: dict[str, MethodInfo] = {
     "l1": MethodInfo(
         "prunecp_cli.importance.magnitude:L1Importance",
-        "sum over the group's filters of the L1 norm of each filter's weights (Li et al. 2017)",
+        "L1 norm of every weight a channel's removal deletes (producers' filters, consumers' input slices, "
+        "norm scales), each member normalised by its mean, averaged over the group's members",
         needs_data=False,
     ),
+        options=_MAGNITUDE_OPTIONS,
     "l2": MethodInfo(
         "prunecp_cli.importance.magnitude:L2Importance",
-        "sum over the group's filters of the L2 norm of each filter's weights",
+        "as l1 with the L2 norm of each member's weights per channel",
         needs_data=False,
     ),
+        options=_MAGNITUDE_OPTIONS,
     "taylor": MethodInfo(
         "prunecp_cli.importance.taylor:TaylorImportance",
         "first-order Taylor |sum_hw a*dL/da| of the cross-entropy, averaged over examples (Molchanov et al. 2017)",

@@ -19,12 +19,17 @@ def _resnet():
     return model, ModelGraph(model, torch.randn(1, 1, 16, 16))
 
 
-def test_l1_and_l2_sum_filter_norms_over_the_coupled_group():
+def _magnitude(name, model, graph, **options):
+    return registry.create(name)(ImportanceContext(model=model, graph=graph, options=options))
+
+
+def test_l1_and_l2_filters_option_sums_the_producers_filter_norms():
+    """members=filters, normalise=none: the earlier l1/l2, the sum of the producers' filter norms."""
     model, graph = _resnet()
     modules = dict(model.named_modules())
     residual = next(g for g in graph.groups if len(g.producers()) > 1)  # a residual group
-    l1 = registry.create("l1")(ImportanceContext(model=model, graph=graph))[residual.name]
-    l2 = registry.create("l2")(ImportanceContext(model=model, graph=graph))[residual.name]
+    l1 = _magnitude("l1", model, graph, members="filters", normalise="none")[residual.name]
+    l2 = _magnitude("l2", model, graph, members="filters", normalise="none")[residual.name]
     expected_l1 = torch.zeros(residual.channels, dtype=torch.float64)
     expected_l2 = torch.zeros(residual.channels, dtype=torch.float64)
     for member in residual.producers():
@@ -33,7 +38,97 @@ def test_l1_and_l2_sum_filter_norms_over_the_coupled_group():
             expected_l1[root] += weight[own].abs().sum()
             expected_l2[root] += weight[own].pow(2).sum().sqrt()
     assert len(residual.producers()) >= 3
-    assert torch.allclose(l1, expected_l1) and torch.allclose(l2, expected_l2)
+    # The mean over producers: the sum divided by their number (the same ranking).
+    assert torch.allclose(l1 * len(residual.producers()), expected_l1)
+    assert torch.allclose(l2 * len(residual.producers()), expected_l2)
+
+
+def _member_weights(module, member):
+    """Weights of each of the member's channels, by explicit indexing (the reference)."""
+    weight = module.weight.detach().double()
+    rows = []
+    for own in member.member_idxs:
+        if member.direction == "out":
+            rows.append(weight[own].flatten())
+        elif isinstance(module, torch.nn.Linear):
+            rows.append(weight[:, own].flatten())
+        else:
+            rows.append(weight[:, own].flatten())
+    return rows
+
+
+def test_l1_default_averages_every_members_normalised_norms():
+    """Producers' filters, consumers' input slices and BatchNorm scales, each member divided by its mean."""
+    model, graph = _resnet()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)  # scales that rank something
+    modules = dict(model.named_modules())
+    residual = next(g for g in graph.groups if len(g.producers()) > 1)
+    kinds = {m.kind for m in residual.members}
+    assert {"conv", "norm"} <= kinds and any(m.direction == "in" for m in residual.members)
+    got = _magnitude("l1", model, graph)[residual.name]
+    parts = []
+    for member in residual.members:
+        norm = torch.zeros(residual.channels, dtype=torch.float64)
+        for root, row in zip(member.root_idxs, _member_weights(modules[member.module], member), strict=True):
+            norm[root] += row.abs().sum()
+        parts.append(norm / norm.mean())
+    assert torch.allclose(got, torch.stack(parts).mean(0))
+    assert abs(float(got.mean()) - 1.0) < 1e-9
+
+
+def test_l1_without_normalisation_equals_torch_pruning_group_l1():
+    """normalise=none is Torch-Pruning's MagnitudeImportance(p=1, group_reduction='mean') on conv, linear and BN
+    members (residual groups included); Torch-Pruning leaves depthwise filters out, prunecp counts them."""
+    import torch_pruning as tp
+    from testmodels import residual_depthwise
+
+    reference = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+    for factory in (resnet_small, residual_depthwise):
+        torch.manual_seed(0)
+        model = factory().eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.data.uniform_(0.5, 1.5)
+        graph = ModelGraph(model, torch.randn(1, 1, 16, 16))
+        modules = dict(model.named_modules())
+        ours = _magnitude("l1", model, graph, normalise="none")
+        compared = 0
+        for group in graph.groups:
+            depthwise = any(isinstance(modules[m.module], torch.nn.Conv2d) and modules[m.module].groups > 1
+                            for m in group.members)
+            if depthwise:
+                continue
+            tp_group = graph.dg.get_pruning_group(modules[group.name], tp.prune_conv_out_channels,
+                                                  list(range(group.channels)))
+            assert torch.allclose(ours[group.name], reference(tp_group).double(), rtol=1e-5)
+            compared += 1
+        assert compared >= 3
+
+
+def test_l1_counts_a_depthwise_filter_like_any_other_member():
+    """In a depthwise group, the 9-weight depthwise filters enter as one member among the dense ones."""
+    from testmodels import residual_depthwise
+
+    torch.manual_seed(0)
+    model = residual_depthwise().eval()
+    graph = ModelGraph(model, torch.randn(1, 1, 16, 16))
+    modules = dict(model.named_modules())
+    group = next(g for g in graph.groups if "depthwise.0" in g.modules)
+    got = _magnitude("l1", model, graph)[group.name]
+    parts = {}
+    for member in group.members:
+        norm = torch.zeros(group.channels, dtype=torch.float64)
+        for root, row in zip(member.root_idxs, _member_weights(modules[member.module], member), strict=True):
+            norm[root] += row.abs().sum()
+        parts[member.module] = norm / norm.mean()
+    assert modules["depthwise.0"].weight.shape[1:] == (1, 3, 3)
+    assert torch.allclose(got, torch.stack(list(parts.values())).mean(0))
+    with torch.no_grad():
+        model.depthwise[0].weight[3] *= 50.0  # one depthwise filter grows: only its member's share moves
+    moved = _magnitude("l1", model, graph)[group.name]
+    assert int(moved.argmax()) == 3
 
 
 def test_taylor_equals_explicit_activation_gradient_products(trained_digits, digits_files):
