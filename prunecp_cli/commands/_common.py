@@ -20,9 +20,10 @@ Arch = Annotated[
     str | None,
     typer.Option(
         "--arch",
-        help="Architecture of a dense checkpoint: torchvision:NAME (e.g. torchvision:resnet18) or "
-        "package.module:factory importable from the current folder or PYTHONPATH. "
-        "Not needed for prunecp .safetensors files, which carry their architecture.",
+        help="Architecture of a dense checkpoint: torchvision:NAME (e.g. torchvision:resnet18), timm:NAME "
+        "(e.g. timm:resnet50d; needs prunecp[timm]) or package.module:factory importable from the current "
+        "folder or PYTHONPATH. Not needed for prunecp .safetensors files, which carry their architecture, nor "
+        "for a timm hub folder (config.json beside model.safetensors).",
         rich_help_panel="Model",
     ),
 ]

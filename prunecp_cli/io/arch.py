@@ -4,6 +4,7 @@ Two forms are accepted:
 
 * ``torchvision:NAME``: a torchvision classification model, always built with ``weights=None`` so
   nothing is downloaded (the weights come from the user's checkpoint).
+* ``timm:NAME``: a timm model (extra ``prunecp[timm]``), always built with ``pretrained=False``.
 * ``package.module:factory``: any callable importable from the current directory or ``PYTHONPATH``
   that returns an ``nn.Module`` (a class works too).
 
@@ -39,8 +40,9 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
 
 
 #: Architecture sources that a prunecp file may name and that prunecp builds without asking: their
-#: factories only construct modules. Add a source here (``"timm"``) when support for it lands.
-TRUSTED_SOURCES: tuple[str, ...] = ("torchvision", "prunecp_cli.models")
+#: factories only construct modules (``timm:NAME`` goes through ``timm.create_model`` with
+#: ``pretrained=False`` and only names in timm's model registry).
+TRUSTED_SOURCES: tuple[str, ...] = ("torchvision", "timm", "prunecp_cli.models")
 
 #: The most parameter and buffer elements a model may hold (2**30, 4 GiB of float32). A trusted
 #: architecture is first built on the ``meta`` device to count them, so arguments that ask for a
@@ -124,8 +126,8 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, *, origin: str 
         if origin is not None:
             check_file_arch(spec, path=origin, trust_arch=True)  # the malformed-spec message
         raise UsageError(
-            f"--arch {str(spec)[:80]!r} is not a model spec; use torchvision:NAME (e.g. torchvision:resnet18) "
-            "or package.module:factory"
+            f"--arch {str(spec)[:80]!r} is not a model spec; use torchvision:NAME (e.g. torchvision:resnet18), "
+            "timm:NAME or package.module:factory"
         )
     if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs)):
         what = "--arch-kwargs" if origin is None else "its arch_kwargs"
@@ -138,6 +140,8 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, *, origin: str 
             raise unresolved(f"{where}: prunecp never downloads pretrained weights (the weights come from the "
                              f"checkpoint); drop \"weights\" from the arguments")
         kwargs["weights"] = None
+    elif source == "timm":
+        factory = _timm_factory(name, kwargs, where=where, error=unresolved)
     else:
         factory = _import_factory(source, name, where=where, error=unresolved)
     if is_trusted(spec):
@@ -188,6 +192,26 @@ def _torchvision_factory(name: str, *, where: str, error: type[Exception]):
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise error(f"{where}: torchvision has no classification model {name!r}{hint}")
     return lambda **kw: torchvision.models.get_model(name, **kw)
+
+
+#: timm arguments that would load or download weights; prunecp takes weights only from the checkpoint.
+_TIMM_WEIGHT_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+
+
+def _timm_factory(name: str, kwargs: dict[str, Any], *, where: str, error: type[Exception]):
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise UsageError(f"{where} needs timm: pip install 'prunecp[timm]'") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:5]}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise error(f"{where}: timm has no model {name!r}{hint}")
+    given = [key for key in _TIMM_WEIGHT_ARGS if key in kwargs]
+    if given:
+        raise error(f"{where}: prunecp never loads pretrained weights through timm (the weights come from the "
+                    f"checkpoint); drop {given[0]!r} from the arguments")
+    return lambda **kw: timm.create_model(name, pretrained=False, **kw)
 
 
 def _import_factory(module_name: str, attr: str, *, where: str, error: type[Exception]):

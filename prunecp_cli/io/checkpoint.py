@@ -27,6 +27,7 @@ from prunecp_cli import __version__
 from prunecp_cli.errors import CheckpointError, UsageError, brief
 from prunecp_cli.io.arch import build_model, check_file_arch, is_spec
 from prunecp_cli.io.files import atomic_write_path, sha256_file
+from prunecp_cli.io.hub import read_hub_folder
 from prunecp_cli.io.metadata import (
     check_arch_kwargs,
     check_extra,
@@ -282,7 +283,7 @@ def open_model(
     (:func:`~prunecp_cli.io.arch.check_file_arch`); only then is anything the file names imported.
 
     Args:
-        path: the model file.
+        path: the model file, or a timm hub-style folder (:mod:`prunecp_cli.io.hub`).
         arch: ``--arch`` spec (dense checkpoints; for prunecp files it must match, and allows the file's
             architecture).
         arch_kwargs: factory keyword arguments.
@@ -295,6 +296,11 @@ def open_model(
         UsageError: a dense checkpoint without ``arch``, or an ``arch`` that differs from the file's.
     """
     path = Path(path)
+    if path.is_dir():  # a timm hub-style folder names its own architecture
+        spec, kwargs, path = read_hub_folder(path)
+        if arch is not None and arch != spec:
+            raise UsageError(f"{path.parent} is a hub folder of {spec}, but --arch {arch} was given; drop --arch")
+        arch, arch_kwargs = spec, {**kwargs, **(arch_kwargs or {})}
     state, metadata = read_state_dict(path)
     digest = sha256_file(path)
     if any(isinstance(key, str) and key.startswith("prunecp.") for key in metadata):
@@ -308,7 +314,7 @@ def open_model(
         if meta.plan:
             from prunecp_cli.surgery.plan import replay_plan
 
-            replay_plan(model, meta.plan, input_shape=meta.input_shape)
+            replay_plan(model, meta.plan, input_shape=meta.input_shape, state=state)
         match_state_dict(model, state, path=path, arch=meta.arch)
         return LoadedModel(model.eval(), meta, path, digest, True)
     if arch is None:

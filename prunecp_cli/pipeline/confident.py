@@ -208,7 +208,7 @@ def prune_confident(
         raise CalibrationError(f"--risk-data {Path(risk_data).name} is also --data; the test needs data nothing else "
                                "has seen: pass a disjoint split")
     setup = prepare(model, scores=scores, method=method, options=options, data=data, policy=make_policy(pruning),
-                    ignore=ignore, run=run, rank_channels=granularity == "channel")
+                    ignore=ignore, run=run, rank_channels=granularity == "channel", strict=pruning.strict)
     session = setup.session
     test = risk_test(risk_name, num_classes=session.num_classes, max_risk=max_risk, max_set_size=max_set_size,
                      delta=delta, pvalue_method=pvalue_method)

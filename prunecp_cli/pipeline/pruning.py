@@ -81,14 +81,14 @@ def prune(
         return prune_weights(setup, output, ratio, ignore=ignore, bn_recalibrate=bn_recalibrate,
                              batch_size=batch_size, reporter=reporter)
     setup = prepare(model, scores=scores, method=method, options=options, data=data, policy=policy, ignore=ignore,
-                    run=run)
+                    run=run, strict=pruning.strict)
     session = setup.session
     used = list(setup.used)
     if bn_recalibrate is None:
         bn_recalibrate = session.data is not None
     if bn_recalibrate:
         setup.warnings += few_examples_warnings(len(session.data), "BatchNorm recalibration")
-    if schedule.finetune_data is not None:
+    if schedule.finetune_data is not None and schedule.finetune.needs_labels:
         schedule.finetune_data.require_labels(session.num_classes)
     done = run_schedule(setup, ratio=ratio, target_flops=target_flops, schedule=schedule, method=method,
                         ignore=ignore, bn_recalibrate=bn_recalibrate, batch_size=batch_size, seed=seed,

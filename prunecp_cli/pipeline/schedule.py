@@ -10,6 +10,7 @@ step after the first (so ``--method`` is needed, not a fixed ``--scores`` file).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ class Schedule:
     Attributes:
         steps: equal steps to reach the budget (1 = one shot).
         finetune: fine-tuning after each step (None: no fine-tuning).
-        finetune_data: labelled data to fine-tune on.
+        finetune_data: data to fine-tune on (labelled unless the loss is ``kd``).
     """
 
     steps: int = 1
@@ -51,7 +52,7 @@ class Schedule:
         if self.steps < 1:
             raise UsageError(f"{{steps}} {self.steps} must be at least 1", arguments={"steps": "steps"})
         if (self.finetune is None) != (self.finetune_data is None):
-            raise UsageError("fine-tuning needs {finetune_data} (labelled) and settings together", arguments={"finetune_data": "finetune_data"})
+            raise UsageError("fine-tuning needs {finetune_data} and settings together", arguments={"finetune_data": "finetune_data"})
 
 
 @dataclass
@@ -147,6 +148,8 @@ def run_schedule(
     total_dense = sum(channels_dense.values())
     plan = session.loaded.meta.plan or None
     result = ScheduleResult(plan={}, channels={})
+    # The KD losses distil the model as it was before any step (the dense teacher), kept aside on the CPU.
+    teacher = copy.deepcopy(model).eval() if schedule.finetune is not None and schedule.finetune.distils else None
     for step in range(1, schedule.steps + 1):
         if step > 1:
             graph = ModelGraph(model, example, ignore=ignore)
@@ -164,7 +167,7 @@ def run_schedule(
         record: dict[str, Any] = {"step": step, "flops_kept": count_flops(model, example) / flops_dense}
         if schedule.finetune is not None:
             losses = finetune(model, schedule.finetune_data, schedule.finetune, device=session.device,
-                              reporter=reporter)
+                              reporter=reporter, teacher=teacher)
             record["finetune"] = losses[-1] if losses else {}
         if session.data is not None and session.data.has_labels:
             record.update(score_split_metrics(model, session.data, device=session.device, batch_size=batch_size,

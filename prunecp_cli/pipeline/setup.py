@@ -19,7 +19,8 @@ from torch import nn
 
 from prunecp_cli import dist
 from prunecp_cli import importance as registry
-from prunecp_cli.errors import UsageError
+from prunecp_cli.errors import PlanError, UsageError
+from prunecp_cli.io.arch import build_model
 from prunecp_cli.io.checkpoint import ModelMeta, save_model
 from prunecp_cli.io.data import Dataset
 from prunecp_cli.io.digest import weights_sha256
@@ -36,6 +37,7 @@ from prunecp_cli.pipeline.session import Session, open_source
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
 from prunecp_cli.surgery.groups import ChannelGroup, ModelGraph
+from prunecp_cli.surgery.resize import fast_reload_record
 from prunecp_cli.surgery.select import Policy, Removal
 from prunecp_cli.types import PruneResult, UsedData
 
@@ -100,6 +102,21 @@ def recalibrate(session: Session, *, batch_size: int, reporter: Reporter) -> int
                              reporter=reporter)
 
 
+def left_whole_note(names: list[str], *, strict: bool) -> list[str]:
+    """The one-line note on groups kept whole because their channels cannot be followed safely.
+
+    Raises:
+        PlanError: ``strict`` and there are such groups.
+    """
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    text = f"kept {len(names)} group(s) whole whose channels cannot be cut safely ({shown})"
+    if strict:
+        raise PlanError(f"{text}; drop {{strict}} to prune the other groups", arguments={"strict": "strict"})
+    return [f"{text}; the other groups are pruned (--strict makes this an error)"]
+
+
 @dataclass
 class PruneSetup:
     """A model opened for pruning, with its groups and their importance, before anything is removed.
@@ -149,14 +166,17 @@ def prepare(
     ignore: tuple[str, ...] = (),
     run: RunOptions = RunOptions(),
     rank_channels: bool = True,
+    strict: bool = False,
 ) -> PruneSetup:
     """Open the model and the score data, trace its groups and rank their channels once.
 
-    Args: see :func:`prune`; ``rank_channels=False`` skips tracing and ranking (unstructured pruning).
+    Args: see :func:`prune`; ``rank_channels=False`` skips tracing and ranking (unstructured pruning);
+        ``strict`` refuses a model with groups that must be kept whole (:func:`left_whole_note`).
 
     Raises:
         UsageError: contradictory options.
         ScoresError: the scores file does not belong to this model.
+        PlanError: ``strict`` and some groups cannot be cut.
     """
     batch_size, seed, reporter = run.batch(128), run.seed, run.rep
     max_samples = data.max_samples if data is not None else None
@@ -173,7 +193,7 @@ def prepare(
         return PruneSetup(session, None, {}, policy, method or "", dict(options or {}), used,
                           params_before=params_before, flops_before=flops_before)
     graph = ModelGraph(model, example, ignore=ignore)
-    warnings: list[str] = []
+    warnings = left_whole_note(graph.left_whole, strict=strict)
     if table is not None:
         group_scores = scores_for_graph(table, graph, model_sha256=session.loaded.sha256, path=scores)
         method_name, method_params = table.method, table.params
@@ -238,11 +258,15 @@ def finalise(
         "flops_before": fields.get("flops_before", setup.flops_before),
         "flops_after": flops_after,
         "flops_unit": FLOPS_UNIT,
+        "groups_left_whole": setup.graph.left_whole if setup.graph is not None else [],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     fields.update(extra or {})
     if "risk_control" in fields:  # bind the Learn-then-Test record to exactly these weights
         fields["risk_control"] = {**fields["risk_control"], "weights_sha256": weights_sha256(model)}
+    if plan:  # widths that rebuild the model without replaying the plan, when they provably do
+        record = fast_reload_record(model, lambda: build_model(meta.arch, meta.arch_kwargs), session.example)
+        plan = {**plan, "modules": record} if record is not None else plan
     new_meta = ModelMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, input_shape=session.input_shape,
                          plan=plan, extra=fields)
     digest = save_model(model, output, new_meta) if dist.rank() == 0 else ""

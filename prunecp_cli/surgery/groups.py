@@ -194,8 +194,19 @@ class ModelGraph:
                 f"cannot trace the model's dependencies ({type(exc).__name__}: {brief(exc)}); "
                 "the architecture uses an operation Torch-Pruning cannot follow"
             ) from None
+        self.unmappable: list[str] = []
         self.groups = self._collect_groups()
         self.by_name = {g.name: g for g in self.groups}
+
+    @property
+    def left_whole(self) -> list[str]:
+        """Groups prunecp keeps whole by itself: their channel mapping or grouping cannot be followed.
+
+        These are the root layers of groups Torch-Pruning could not map (left out of :attr:`groups`)
+        and of groups whose grouped layers see their channels re-ordered (``channel_groups == 0``).
+        The user's ``--ignore`` layers and the protected classifier are not among them.
+        """
+        return [*self.unmappable, *(g.name for g in self.groups if g.channel_groups == 0)]
 
     def _collect_groups(self) -> list[ChannelGroup]:
         module2name = {m: n for n, m in self.model.named_modules()}
@@ -243,6 +254,7 @@ class ModelGraph:
                 group = self.dg.get_pruning_group(module, pruner.prune_out_channels,
                                                   list(range(pruner.get_out_channels(module))))
             except (IndexError, ZeroDivisionError):
+                self.unmappable.append(self._name_of(module) or "?")
                 continue
             prunable = True
             for dep, _ in group:

@@ -7,7 +7,9 @@ A *plan* is the JSON object stored in a pruned model's metadata::
      "groups": {group name: {"channels": C, "removed": [indices]}}}  # what was removed, per group
 
 ``history`` replays on a freshly built model of the original architecture (in order; repeated
-prunings append to it); ``groups`` is for people and reports.
+prunings append to it); ``groups`` is for people and reports. An optional ``modules`` record
+(``{module name: {attribute: width}}``, see :mod:`prunecp_cli.surgery.resize`) rebuilds the model
+without replaying: it is written only when it provably gives the same model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from prunecp_cli.errors import PlanError, PrunecpError, brief
 from prunecp_cli.surgery.gates import ChannelGates
 from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph, replay_history
+from prunecp_cli.surgery.resize import record_problem, resize_to
 from prunecp_cli.surgery.select import Removal
 
 PLAN_VERSION = 1
@@ -158,6 +161,10 @@ def plan_problem(plan: Any) -> str | None:
         total += len(step[2])
         if total > MAX_PLAN_INDICES:
             return f"lists more than {MAX_PLAN_INDICES:,} channel indices"
+    if "modules" in plan:
+        problem = record_problem(plan["modules"])
+        if problem is not None:
+            return problem
     groups = [plan["groups"]] if "groups" in plan else []
     steps = plan.get("steps", [])
     if not isinstance(steps, list):
@@ -214,11 +221,13 @@ def _fit_problem(model: nn.Module, history: list) -> str | None:
     return None
 
 
-def replay_plan(model: nn.Module, plan: dict[str, Any], *, input_shape: list[int]) -> None:
+def replay_plan(model: nn.Module, plan: dict[str, Any], *, input_shape: list[int],
+                state: dict[str, torch.Tensor] | None = None) -> None:
     """Re-apply a stored plan to a freshly built model of the original architecture, in place.
 
     The plan's form and its fit to ``model`` (layer names, index ranges) are checked before the
-    model is touched.
+    model is touched. With a ``modules`` record and the file's tensors (``state``), the widths are
+    set directly (fast); otherwise the history is replayed on the dependency graph.
 
     Raises:
         PlanError: unknown plan version, a malformed plan, or a plan that does not fit the model.
@@ -227,6 +236,9 @@ def replay_plan(model: nn.Module, plan: dict[str, Any], *, input_shape: list[int
     if problem is not None:
         raise PlanError(f"the stored pruning plan {problem}; the file is damaged or was not written by prunecp")
     if not plan:
+        return
+    if "modules" in plan and state is not None:
+        resize_to(model, plan["modules"], state)
         return
     if not input_shape:
         raise PlanError("the model file records no input shape, so its plan cannot be replayed; re-run prune")
