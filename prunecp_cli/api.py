@@ -53,7 +53,7 @@ _LAZY = {
 
 __all__ = [
     "DataSource", "FinetuneConfig", "ModelSource", "Preprocess", "PruneOptions", "RiskOptions", "RunOptions",
-    "calibrate", "certify", "export", "is_main_process", "open_prediction", "predict", "prune", "report", "score",
+    "calibrate", "certify", "export", "is_main_process", "model_card", "open_prediction", "predict", "prune", "report", "score",
     "write_jsonl", "check_output", "Certificate", "Verdict", "ImportanceTable", "PruneResult", "JSON_SUFFIXES", "JSONL_SUFFIXES", "MODEL_SUFFIXES", *_LAZY,
 ]
 
@@ -326,6 +326,25 @@ def report(
     return run_report(model.checkpoint, baseline=baseline, arch=model.arch, arch_kwargs=model.arch_kwargs,
                       input_shape=model.input_shape, device=run.device, timing=timing, cert=cert, reporter=run.rep,
                       trust_arch=model.trust_arch)
+
+
+def model_card(data, output: str | Path, *, verdict: str | Path | dict[str, Any] | None = None) -> list[Path]:
+    """Write a Markdown model card of a :func:`report` result (with its ``cert``) and its PNG figures beside it.
+
+    Args:
+        data: what :func:`report` returned (give it ``cert`` for the certificate section).
+        output: the card, ``MODEL_CARD.md``; figures go to ``MODEL_CARD_channels.png`` and so on.
+        verdict: a ``certify --json`` verdict (path or dict) for the test-audit section.
+
+    Returns:
+        Every file written, the card first.
+    """
+    checks.check_output(output, suffixes=(".md", ".markdown"))
+    from prunecp_cli.card import read_verdict, write_model_card
+
+    if isinstance(verdict, (str, Path)):
+        verdict = read_verdict(verdict)
+    return write_model_card(data, output, certificate=data.certificate, verdict=verdict)
 
 
 def export(

@@ -53,6 +53,8 @@ class ReportData:
     metadata: dict[str, Any] = field(default_factory=dict)
     certificate: dict[str, Any] | None = None
     deployment: list[dict[str, Any]] | None = None
+    architecture: dict[str, Any] | None = None
+    """``{arch, arch_kwargs}`` of the model (None for an export)."""
     """``report --ort``: PyTorch and ONNX Runtime latency rows (see :mod:`prunecp_cli.pipeline.report_ort`)."""
 
     def to_json(self) -> dict[str, Any]:
@@ -193,6 +195,7 @@ def report(
         metadata=_provenance(meta.extra, pruned),
         certificate=certificate,
         deployment=deployment,
+        architecture={"arch": meta.arch, "arch_kwargs": meta.arch_kwargs},
     )
 
 

@@ -181,3 +181,23 @@ def test_report_ort_times_both_runtimes(work):
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in rows)
     assert "ONNX Runtime latency (batch 8" in present.render_markdown(data)
     assert json.loads(json.dumps(data.to_json()))["deployment"][2]["runtime"] == "ONNX Runtime"
+
+
+def test_model_card_states_the_certificate_and_audit(cli, work):
+    verdict_path = work["folder"] / "verdict.json"
+    result = cli("certify", work["pruned"], "--cert", work["cert"], "--data", work["test"], "--json")
+    verdict_path.write_text(result.stdout)
+    card = work["folder"] / "card" / "MODEL_CARD.md"
+    made = cli("report", work["pruned"], "--cert", work["cert"], "--format", "card", "-o", card, "--verdict",
+               verdict_path, "--no-latency")
+    assert made.code == 0, made
+    text, cert, verdict = card.read_text(), load_certificate(work["cert"]), json.loads(result.stdout)
+    assert cert["guarantee"]["statement"] in text
+    assert f"| q̂ | {cert['quantile']:.6g} |" in text and f"| alpha | {cert['alpha']} |" in text
+    assert f"| calibration points n | {cert['data']['n']} |" in text
+    assert f"| test coverage | {verdict['coverage']:.4g} |" in text and "certificate holds" in text
+    assert cert["data"]["sha256"] in text and verdict["data"]["sha256"] in text
+    for name in ("MODEL_CARD_channels.png", "MODEL_CARD_sets.png"):
+        png = card.parent / name
+        assert f"]({name})" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "prunecp calibrate pruned.safetensors --data calib.npz --alpha 0.1" in text
