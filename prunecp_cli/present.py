@@ -275,3 +275,14 @@ def render_markdown(data: ReportData) -> str:
         lines += ["", "| certificate | value |", "|---|---:|"]
         lines += [f"| {a} | {b} |" for a, b in certificate_rows(data.certificate)]
     return "\n".join(lines) + "\n"
+
+
+def auto_lines(record: dict[str, Any]) -> list[str]:
+    """Lines describing a ``--method auto`` choice: every candidate's held-out figures, the winner marked."""
+    lines = [f"--method auto: mean LAC set size (alpha {record['alpha']:g}) over {record['resplits']} re-splits of "
+             f"{record['holdout_examples']} held-out score examples"]
+    for c in record["candidates"]:
+        mark = "  <- chosen" if c["method"] == record["chosen"] else ""
+        lines.append(f"  {c['method']:<14} set size {c['holdout_set_size']:.3f}, coverage {c['holdout_coverage']:.3f}, "
+                     f"accuracy {c['holdout_accuracy']:.3f}, FLOPs kept {c['flops_kept']:.3f}{mark}")
+    return lines

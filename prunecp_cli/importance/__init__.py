@@ -60,6 +60,17 @@ METHODS: dict[str, MethodInfo] = {
         "prunecp_cli.importance.taylor:TaylorImportance",
         "first-order Taylor |sum_hw a*dL/da| of the cross-entropy, averaged over examples (Molchanov et al. 2017)",
     ),
+    "auto": MethodInfo(
+        "prunecp_cli.importance.auto:AutoImportance",
+        "the recommended method: score with each candidate, then prune keeps the one whose pruned, "
+        "BatchNorm-recalibrated model has the smallest mean LAC set size on a held-out part of the score data",
+        options={
+            "candidates": ("l1,taylor,cp-taylor", "comma-separated methods to choose among (registry defaults)"),
+            "holdout": (0.4, "share of the score data held out to compare the candidates (never scored on)"),
+            "alpha": (0.1, "miscoverage of the LAC sets compared"),
+            "resplits": (100, "random calibration/evaluation halvings of the holdout averaged per candidate"),
+        },
+    ),
     "random": MethodInfo(
         "prunecp_cli.importance.random:RandomImportance",
         "uniform random scores from --seed (a baseline)",

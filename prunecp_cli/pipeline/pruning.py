@@ -7,6 +7,7 @@ from typing import Any
 
 from prunecp_cli.errors import UsageError
 from prunecp_cli.options import DataSource, ModelSource, PruneOptions, RunOptions
+from prunecp_cli.pipeline.auto import choose as choose_auto
 from prunecp_cli.pipeline.schedule import Schedule, run_schedule
 from prunecp_cli.pipeline.scoring import few_examples_warnings
 from prunecp_cli.pipeline.setup import (  # noqa: F401  (re-exported: the names callers used to find here)
@@ -90,6 +91,13 @@ def prune(
         setup.warnings += few_examples_warnings(len(session.data), "BatchNorm recalibration")
     if schedule.finetune_data is not None and schedule.finetune.needs_labels:
         schedule.finetune_data.require_labels(session.num_classes)
+    auto_record = None
+    if setup.method == "auto":
+        if schedule.steps > 1:
+            raise UsageError("{method} auto chooses among one-shot prunings; use {steps} 1, or name the method for "
+                             "iterative pruning", arguments={"method": "method", "steps": "steps"})
+        auto_record = choose_auto(setup, ratio=ratio, target_flops=target_flops, ignore=ignore,
+                                  bn_recalibrate=bn_recalibrate, batch_size=batch_size, seed=seed, reporter=reporter)
     done = run_schedule(setup, ratio=ratio, target_flops=target_flops, schedule=schedule, method=method,
                         ignore=ignore, bn_recalibrate=bn_recalibrate, batch_size=batch_size, seed=seed,
                         max_samples=max_samples, reporter=reporter)
@@ -106,6 +114,8 @@ def prune(
     extra = {"schedule": done.log}
     if schedule.finetune is not None:
         extra["finetune"] = schedule.finetune.to_json()
+    if auto_record is not None:
+        extra["auto"] = auto_record
     return finalise(setup, session.model, output, plan=done.plan, channels=done.channels, used=used,
                     target=target, recalibrated=done.recalibrated, warnings=warnings, extra=extra)
 

@@ -42,7 +42,7 @@ from prunecp_cli.surgery.select import Policy, Removal
 from prunecp_cli.types import PruneResult, UsedData
 
 GRANULARITIES = ("channel", "weight")
-PER_MODEL_RECORDS = ("risk_control", "sparsity", "schedule", "finetune")
+PER_MODEL_RECORDS = ("risk_control", "sparsity", "schedule", "finetune", "auto")
 """Metadata records that describe one model's weights; a new model made from it never inherits them."""
 
 
@@ -134,6 +134,8 @@ class PruneSetup:
         warnings: degenerate or tied scores, and other things worth reading.
         params_before: parameters of the input model.
         flops_before: FLOPs of the input model.
+        strict: fail instead of keeping groups whole that cannot be cut (``--strict``).
+        extras: per-group extra arrays of the scores (e.g. ``auto``'s candidates), by group name.
     """
 
     session: Session
@@ -146,6 +148,8 @@ class PruneSetup:
     warnings: list[str] = field(default_factory=list)
     params_before: int = 0
     flops_before: int = 0
+    strict: bool = False
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def make_policy(pruning: PruneOptions) -> Policy:
@@ -197,12 +201,13 @@ def prepare(
     if table is not None:
         group_scores = scores_for_graph(table, graph, model_sha256=session.loaded.sha256, path=scores)
         method_name, method_params = table.method, table.params
+        extras = {g.name: g.extras for g in table.groups}
         if table.data_sha256:
             used.append(UsedData(table.data_sha256, "score", Path(scores).name))
     else:
         info = registry.info(method)
         method_params = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
-        group_scores, _ = compute_importance(session, graph, method=method, options=method_params,
+        group_scores, extras = compute_importance(session, graph, method=method, options=method_params,
                                              batch_size=batch_size, seed=seed, max_samples=max_samples,
                                              reporter=reporter)
         method_name = method
@@ -211,7 +216,7 @@ def prepare(
             used.append(seen_as(session.data, "score"))
     return PruneSetup(session, graph, group_scores, policy, method_name, method_params, used,
                       warnings=warnings + degenerate_warnings(group_scores), params_before=params_before,
-                      flops_before=flops_before)
+                      flops_before=flops_before, extras=extras, strict=strict)
 
 
 def finalise(
