@@ -28,7 +28,7 @@ from prunecp_cli.pipeline.scoring import compute_importance
 from prunecp_cli.pipeline.setup import recalibrate_model, tie_warnings
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.groups import ModelGraph
-from prunecp_cli.surgery.plan import apply_removal
+from prunecp_cli.surgery.plan import remove_keeping_whole
 from prunecp_cli.surgery.select import FlopsModel, Removal, select
 
 LOG_ALPHA = 0.1
@@ -156,11 +156,23 @@ def run_schedule(
             scores, _ = compute_importance(session, graph, method=method, options=setup.method_params,
                                            batch_size=batch_size, seed=seed + step, max_samples=max_samples,
                                            reporter=reporter)
-        removal = _step_removal(setup, graph, scores, step, schedule.steps, ratio=ratio, target_flops=target_flops,
-                                flops_dense=flops_dense, total_dense=total_dense)
-        result.warnings += tie_warnings(scores, removal, graph.groups)
+        chosen: dict[str, Removal] = {}
+
+        def choose(graph: ModelGraph, step: int = step, scores=scores, chosen=chosen) -> Removal:
+            chosen["removal"] = _step_removal(setup, graph, scores, step, schedule.steps, ratio=ratio,
+                                              target_flops=target_flops, flops_dense=flops_dense,
+                                              total_dense=total_dense)
+            return chosen["removal"]
+
         with reporter.status(f"step {step}/{schedule.steps}: removing channels"):
-            plan = apply_removal(graph, removal, previous=plan)
+            plan, graph, kept_whole = remove_keeping_whole(graph, choose, previous=plan, strict=setup.strict)
+        if step == 1:
+            setup.graph = graph  # its left_whole now names the groups kept whole here too
+        result.warnings += tie_warnings(scores, chosen["removal"], graph.groups)
+        if kept_whole:
+            shown = ", ".join(kept_whole[:3]) + (f" and {len(kept_whole) - 3} more" if len(kept_whole) > 3 else "")
+            result.warnings.append(f"kept {len(kept_whole)} group(s) whole because removing their channels breaks "
+                                   f"the model ({shown}); the other groups are pruned (--strict makes this an error)")
         if bn_recalibrate:
             result.recalibrated = recalibrate_model(model, session.data, device=session.device,
                                                     batch_size=batch_size, reporter=reporter)

@@ -15,6 +15,7 @@ without replaying: it is written only when it provably gives the same model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,17 +97,65 @@ def apply_removal(graph: ModelGraph, removal: Removal, *, previous: dict[str, An
         problem = f"{type(exc).__name__}: {brief(exc)}"
     if problem is not None:
         culprits = _find_culprits(pristine, graph, removal)
+        model.__dict__.update(pristine.__dict__)  # back to the unpruned model, in place
         names = ", ".join(culprits) if culprits else "several groups together"
-        fix = " ".join(f"--ignore {c}" for c in culprits) if culprits else "--ignore on the layers involved"
-        raise PlanError(
-            f"pruning breaks the model ({problem}); the culprit group(s): {names}. "
+        fix = " ".join(f"--ignore {c}" for c in culprits[:4]) if culprits else "--ignore on the layers involved"
+        error = PlanError(
+            f"pruning breaks the model ({problem}); the culprit group(s): {names[:300]}. "
             f"Its forward code probably splits or slices channels; keep them whole with {fix}"
         )
+        error.culprits = culprits
+        raise error
     groups = {name: {"channels": graph.by_name[name].channels, "removed": sorted(int(i) for i in idxs)}
               for name, idxs in removal.items()}
     history = list((previous or {}).get("history", [])) + graph.history()
     steps = list((previous or {}).get("steps", [])) + [groups]
     return {"version": PLAN_VERSION, "history": history, "groups": groups, "steps": steps}
+
+
+#: Most rounds of :func:`remove_keeping_whole`: each keeps the groups found breaking the model whole.
+MAX_KEEP_WHOLE_ROUNDS = 3
+
+
+def remove_keeping_whole(
+    graph: ModelGraph,
+    choose: Callable[[ModelGraph], Removal],
+    *,
+    previous: dict[str, Any] | None = None,
+    strict: bool = False,
+) -> tuple[dict[str, Any], ModelGraph, list[str]]:
+    """:func:`apply_removal` that keeps whole, by itself, the groups whose removal breaks the model.
+
+    When the pruned model fails its check and single groups are to blame, the model is restored,
+    those groups are kept whole, ``choose`` selects again on the re-traced graph (so a FLOPs target
+    is still met by the other groups) and the removal is retried.
+
+    Args:
+        graph: the model's dependency graph.
+        choose: the removal to make on a graph (groups with ``channel_groups == 0`` are kept whole).
+        previous: the plan the model already carries.
+        strict: raise the first failure instead of keeping groups whole.
+
+    Returns:
+        The plan, the graph the removal was made on, and the groups kept whole on the way.
+
+    Raises:
+        PlanError: the failure cannot be pinned on single groups, persists, or ``strict``.
+    """
+    kept_whole: list[str] = []
+    for _ in range(MAX_KEEP_WHOLE_ROUNDS):
+        try:
+            return apply_removal(graph, choose(graph), previous=previous), graph, kept_whole
+        except PlanError as exc:
+            culprits = [c for c in getattr(exc, "culprits", []) if c not in kept_whole]
+            if strict or not culprits:
+                raise
+            kept_whole += culprits
+        graph = ModelGraph(graph.model, graph.example, ignore=graph.ignored)
+        for name in kept_whole:
+            if name in graph.by_name:
+                graph.by_name[name].channel_groups = 0
+    return apply_removal(graph, choose(graph), previous=previous), graph, kept_whole
 
 
 def _find_culprits(pristine: nn.Module, graph: ModelGraph, removal: Removal) -> list[str]:

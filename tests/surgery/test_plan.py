@@ -121,7 +121,8 @@ def _gated_reference(make, state, removed, x):
 @pytest.mark.parametrize("arch,culprit", [("testmodels:chunk_net", "conv.0"), ("testmodels:slice_net", "mid.0")])
 @pytest.mark.parametrize("method", ["l1", "random"])
 def test_channel_split_models_prune_correctly_or_fail_cleanly(tmp_path, cli, arch, culprit, method, digits_files):
-    """Either the pruned model computes what the dense one does with those channels silenced, or exit 3."""
+    """The pruned model computes what the dense one does with those channels silenced; a group whose removal
+    would break it is kept whole by itself and named in one warning, and --strict makes that exit 3."""
     import testmodels
     from testsupport import assert_one_line_error
 
@@ -136,20 +137,23 @@ def test_channel_split_models_prune_correctly_or_fail_cleanly(tmp_path, cli, arc
     args = ["prune", ckpt, "--arch", arch, "--method", method, "--ratio", "0.5", "--data", digits_files["score"],
             "--no-bn-recalibrate", "-o", out]
     result = cli(*args)
-    x = torch.from_numpy(np.load(digits_files["test"])["x"][:16])
-    if result.code == 0:
-        loaded = open_model(out, arch=arch)
-        with torch.no_grad():
-            pruned = loaded.model(x)
-        assert torch.allclose(pruned, _gated_reference(make, state, loaded.meta.plan["groups"], x), atol=1e-5)
-        return
-    assert_one_line_error(result, 3, contains=f"--ignore {culprit}")
-    assert not out.exists()
-    result = cli(*args, "--ignore", culprit)
     assert result.code == 0, result
+    x = torch.from_numpy(np.load(digits_files["test"])["x"][:16])
     loaded = open_model(out, arch=arch)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(x), _gated_reference(make, state, loaded.meta.plan["groups"], x), atol=1e-5)
+        pruned = loaded.model(x)
+    assert torch.allclose(pruned, _gated_reference(make, state, loaded.meta.plan["groups"], x), atol=1e-5)
+    kept_whole = f"breaks the model ({culprit}" in result.stderr
+    assert kept_whole == (culprit in loaded.meta.extra["groups_left_whole"])
+    if kept_whole:
+        assert culprit not in loaded.meta.plan["groups"] or not loaded.meta.plan["groups"][culprit]["removed"]
+    strict = tmp_path / "strict.safetensors"
+    result = cli(*args[:-1], strict, "--strict")
+    if kept_whole:
+        assert_one_line_error(result, 3, contains=f"--ignore {culprit}")
+        assert not strict.exists()
+    else:
+        assert result.code == 0, result
 
 
 @pytest.mark.parametrize("make,culprit", [("chunk_net", "conv.0"), ("slice_net", "mid.0")])
