@@ -19,6 +19,9 @@ class Score(str, Enum):
     lac = "lac"
     aps = "aps"
     raps = "raps"
+    topk = "topk"
+    saps = "saps"
+    margin = "margin"
 
 
 @c.cli_command
@@ -35,16 +38,20 @@ def calibrate(
                                                 "1 - alpha with probability >= 1 - delta over the calibration draw. "
                                                 "Without it the guarantee is marginal.", rich_help_panel=_CP)] = None,
     nonconformity: Annotated[Score, typer.Option("--nonconformity", "-s", help="lac: 1 - softmax of the label; aps: "
-                                                 "cumulative softmax up to the label; raps: aps plus a rank penalty.",
+                                                 "cumulative softmax up to the label; raps: aps plus a rank penalty; "
+                                                 "topk: the label's rank; saps: top softmax plus --lambda-reg per "
+                                                 "further rank (Huang et al. 2023); margin: best other softmax minus "
+                                                 "the label's.",
                                                  rich_help_panel=_CP)] = Score.lac,
-    randomized: Annotated[bool, typer.Option("--randomized", help="aps/raps: randomised scores (U ~ Unif(0,1) "
-                                             "drawn from --seed, recorded in the certificate).",
+    randomized: Annotated[bool, typer.Option("--randomized", help="aps/raps/topk/saps: randomised scores (U ~ "
+                                             "Unif(0,1) drawn from --seed, recorded in the certificate).",
                                              rich_help_panel=_CP)] = False,
     k_reg: Annotated[int | None, typer.Option("--k-reg", min=0, help="raps: ranks left unpenalised (default: the "
                                               "(1 - alpha)-quantile of the true label's rank on a held-out 20% of "
                                               "--data, left out of the quantile).", rich_help_panel=_CP)] = None,
     lambda_reg: Annotated[float | None, typer.Option("--lambda-reg", min=0.0, help="raps: penalty per rank beyond "
-                                                     "--k-reg (default 0.01).", rich_help_panel=_CP)] = None,
+                                                     "--k-reg (default 0.01); saps: the ranking weight lambda, per rank "
+                                                     "below the top one (default 0.2).", rich_help_panel=_CP)] = None,
     class_conditional: Annotated[bool, typer.Option("--class-conditional", help="One threshold per class (Mondrian): "
                                                     "the guarantee holds within every class; needs enough points per "
                                                     "class.", rich_help_panel=_CP)] = False,

@@ -38,6 +38,7 @@ from prunecp_cli.conformal.conditional import conditional_metrics
 from prunecp_cli.conformal.nonconformity import (
     NONCONFORMITY,
     RAPS,
+    SAPS,
     Nonconformity,
     choose_k_reg,
     prediction_sets,
@@ -75,29 +76,38 @@ __all__ = [
 ]
 
 DEFAULT_LAMBDA_REG = 0.01
+DEFAULT_SAPS_WEIGHT = 0.2
+"""SAPS's ranking weight when ``lambda_reg`` is not given (TorchCP's default; the paper tunes 0.02 to 0.6)."""
 TUNE_FRACTION = 0.2
+RANDOMIZABLE = ("aps", "raps", "topk", "saps")
 
 
 def make_nonconformity(name: str, *, randomized: bool = False, k_reg: int | None = None,
                        lambda_reg: float | None = None, seed: int = 0) -> Nonconformity:
-    """The nonconformity ``name`` (``lac``, ``aps`` or ``raps``) with its options.
+    """The nonconformity ``name`` (``lac``, ``aps``, ``raps``, ``topk``, ``saps`` or ``margin``) with its options.
 
     ``k_reg=None`` gives RAPS ``k_reg = 1`` here (:func:`calibrate` chooses it on held-out points
-    instead); ``lambda_reg=None`` gives :data:`DEFAULT_LAMBDA_REG`.
+    instead); ``lambda_reg`` is RAPS's penalty per rank beyond ``k_reg`` (None: :data:`DEFAULT_LAMBDA_REG`)
+    and SAPS's ranking weight, its penalty per rank beyond the first (None: :data:`DEFAULT_SAPS_WEIGHT`).
 
     Raises:
         UsageError: An unknown name, or an option that does not apply to it.
     """
     if name not in NONCONFORMITY:
         raise UsageError(f"{{nonconformity}} {name!r} is unknown; use one of {', '.join(NONCONFORMITY)}", arguments={"nonconformity": "nonconformity"})
-    if name == "lac" and randomized:
-        raise UsageError("{randomized} applies to aps and raps only; lac has no random part", arguments={"randomized": "randomized"})
-    if name != "raps" and (k_reg is not None or lambda_reg is not None):
-        raise UsageError("{k_reg} and {lambda_reg} apply to {nonconformity} raps only", arguments={"k_reg": "k_reg", "lambda_reg": "lambda_reg", "nonconformity": "nonconformity"})
-    if name == "lac":
-        return NONCONFORMITY["lac"]()
-    if name == "aps":
-        return NONCONFORMITY["aps"](randomized=randomized, seed=seed if randomized else None)
+    if name not in RANDOMIZABLE and randomized:
+        raise UsageError(f"{{randomized}} applies to {', '.join(RANDOMIZABLE)} only; {name} has no random part", arguments={"randomized": "randomized"})
+    if name != "raps" and k_reg is not None:
+        raise UsageError("{k_reg} applies to {nonconformity} raps only", arguments={"k_reg": "k_reg", "nonconformity": "nonconformity"})
+    if name not in ("raps", "saps") and lambda_reg is not None:
+        raise UsageError("{lambda_reg} applies to {nonconformity} raps and saps only", arguments={"lambda_reg": "lambda_reg", "nonconformity": "nonconformity"})
+    if name in ("lac", "margin"):
+        return NONCONFORMITY[name]()
+    if name in ("aps", "topk"):
+        return NONCONFORMITY[name](randomized=randomized, seed=seed if randomized else None)
+    if name == "saps":
+        return SAPS(weight=DEFAULT_SAPS_WEIGHT if lambda_reg is None else lambda_reg, randomized=randomized,
+                    seed=seed if randomized else None)
     return RAPS(lambda_reg=DEFAULT_LAMBDA_REG if lambda_reg is None else lambda_reg,
                 k_reg=1 if k_reg is None else k_reg, randomized=randomized, seed=seed if randomized else None)
 
@@ -312,10 +322,10 @@ def calibrate(
         data: The calibration split (labelled; never seen by the model).
         alpha: Target miscoverage in (0, 1).
         delta: With it, the training-conditional (PAC) guarantee at confidence ``1 - delta``.
-        nonconformity: ``lac``, ``aps`` or ``raps``.
-        randomized: Randomised APS/RAPS (``U`` drawn from ``seed``, recorded in the certificate).
+        nonconformity: ``lac``, ``aps``, ``raps``, ``topk``, ``saps`` or ``margin``.
+        randomized: Randomised APS/RAPS/Top-K/SAPS (``U`` drawn from ``seed``, recorded in the certificate).
         k_reg: RAPS ranks left unpenalised; None chooses it on held-out points (module docstring).
-        lambda_reg: RAPS penalty per rank beyond ``k_reg`` (None: 0.01).
+        lambda_reg: RAPS penalty per rank beyond ``k_reg`` (None: 0.01); SAPS ranking weight (None: 0.2).
         class_conditional: One threshold per class (Mondrian), each class with its own guarantee.
         tune_fraction: Share of the calibration file held out to choose RAPS ``k_reg``.
         output: Write the certificate here (atomically, rank 0 only).

@@ -22,7 +22,16 @@ import math
 import pytest
 import torch
 
-from prunecp_cli.conformal.nonconformity import APS, LAC, RAPS, Nonconformity, prediction_sets
+from prunecp_cli.conformal.nonconformity import (
+    APS,
+    LAC,
+    RAPS,
+    SAPS,
+    Margin,
+    Nonconformity,
+    TopK,
+    prediction_sets,
+)
 from prunecp_cli.conformal.quantile import conformal_quantile, conformal_rank
 from prunecp_cli.conformal.stats import covered_count, p_value_marginal, p_value_pac
 
@@ -33,6 +42,10 @@ SCORES = {
     "aps": APS(),
     "raps": RAPS(),
     "aps-randomized": APS(randomized=True, seed=1),
+    "topk-randomized": TopK(randomized=True, seed=2),
+    "saps": SAPS(weight=0.2),
+    "saps-randomized": SAPS(weight=0.1, randomized=True, seed=3),
+    "margin": Margin(),
 }
 
 
@@ -152,3 +165,16 @@ def test_certify_pac_p_value(pool):
     fails = sum(p_value_pac(int(c), m, alpha=ALPHA) < 0.01 for c in covered_counts(label_scores, test, qhat))
     bound = delta + 0.01
     assert fails / n_draws <= bound + 3 * math.sqrt(bound * (1 - bound) / n_draws), fails
+
+
+def test_plain_topk_covers_at_least_1_minus_alpha(pool):
+    """Not randomised, Top-K scores are integer ranks (ties): coverage >= 1 - alpha, no upper bound."""
+    logits, labels = pool
+    _, label_scores = pool_scores(TopK(), logits, labels)
+    splits = random_splits(len(labels), 500, seed=11)
+    cal, test = splits[:, :N_CAL], splits[:, N_CAL:]
+    qhat, _ = calibrate(label_scores, cal)
+    cov = covered_counts(label_scores, test, qhat).double() / test.shape[1]
+    se = cov.std().item() / math.sqrt(len(cov))
+    assert cov.mean().item() >= 1 - ALPHA - 3 * se, cov.mean().item()
+

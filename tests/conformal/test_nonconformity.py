@@ -167,7 +167,7 @@ def test_lac_sets_brute_force_and_class_conditional():
 
 
 def test_parameters_round_trip_and_registry():
-    assert set(NONCONFORMITY) == {"lac", "aps", "raps"}
+    assert set(NONCONFORMITY) == {"lac", "aps", "raps", "topk", "saps", "margin"}
     logits = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
     for score in (
         LAC(),

@@ -167,3 +167,17 @@ def test_certify_command_with_groups_and_pac_test(cli, tmp_path, trained_digits,
     assert panel.code == 0 and "detected with probability 0.8" in text and "group coverage" in text, text
     bad = cli("certify", model, "--cert", cert, "--data", digits_files["test"], "--groups", tmp_path / "g.csv")
     assert bad.code == 3 and ".npy array or a .txt" in bad.stderr
+
+
+@pytest.mark.parametrize("options", [["-s", "topk", "--randomized"], ["-s", "saps", "--lambda-reg", "0.1"],
+                                     ["-s", "margin"]])
+def test_new_scores_calibrate_and_certify(cli, tmp_path, trained_digits, digits_files, options):
+    loaded = open_model(trained_digits["safetensors"])
+    model, cert = tmp_path / "model.safetensors", tmp_path / "cert.json"
+    save_model(loaded.model, model, loaded.meta)
+    made = cli("calibrate", model, "--data", digits_files["calib"], "-o", cert, "--device", "cpu", *options)
+    assert made.code == 0, made.stderr
+    written = json.loads(cert.read_text())
+    assert written["nonconformity"]["name"] == options[1] and written["schema_version"] == 2
+    verdict = cli("certify", model, "--cert", cert, "--data", digits_files["test"], "--json")
+    assert verdict.code == 0 and json.loads(verdict.stdout)["passed"]
