@@ -48,6 +48,7 @@ _LAZY = {
     "run_demo": "prunecp_cli.demo",
     "Reporter": "prunecp_cli.reporting",
     "write_text": "prunecp_cli.io.files",
+    "compress": "prunecp_cli.pipeline.compress",
 }
 
 

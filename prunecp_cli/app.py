@@ -16,6 +16,7 @@ from prunecp_cli import __version__
 from prunecp_cli.commands.calibrate import calibrate
 from prunecp_cli.commands.certify import certify
 from prunecp_cli.commands.demo import demo
+from prunecp_cli.commands.compress import compress
 from prunecp_cli.commands.export import export
 from prunecp_cli.commands.predict import predict
 from prunecp_cli.commands.prune import prune
@@ -87,6 +88,7 @@ app.command("certify")(certify)
 app.command("predict")(predict)
 app.command("report")(report)
 app.command("export")(export)
+app.command("compress")(compress)
 app.command("demo")(demo)
 
 
