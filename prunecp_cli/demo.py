@@ -101,9 +101,31 @@ def run_demo(workdir: str | Path | None = None, *, seed: int = 0, target_flops: 
     report = api.report(pruned, repeats=10, cert=cert_path, run=on_cpu)
     present.render_table(report, console)
 
+    shipped = _export_and_certify(folder, pruned, cert_path, paths["test"], step=step, console=console, run=on_cpu)
+
     elapsed = time.perf_counter() - started
     console.print(f"\n[bold]done in {elapsed:.1f} s[/bold]; files are in {folder}")
     return {"folder": str(folder), "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
             "flops_ratio": result.flops_ratio, "params_ratio": result.params_ratio, "seconds": elapsed,
             "test_coverage": verdict["coverage"], "mean_set_size": verdict["mean_set_size"],
-            "certified": verdict["passed"]}
+            "certified": verdict["passed"], **shipped}
+
+
+def _export_and_certify(folder: Path, pruned: Path, cert: Path, test: Path, *, step, console, run) -> dict:
+    """The deployment step: export to ONNX (checked with ONNX Runtime) and certify the exported file."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):
+        console.print("\n(skipping the ONNX export: pip install 'prunecp[export]' for it)")
+        return {}
+    onnx_path = folder / "pruned.onnx"
+    step(f"prunecp export {pruned.name} --cert {cert.name} --format onnx --data test.npz -o {onnx_path.name}")
+    result = api.export(pruned, onnx_path, cert=cert, format="onnx", data=test, run=run)
+    check = result["verification"]
+    console.print(f"wrote {onnx_path.name} ({result['bytes']:,} bytes): ONNX Runtime's prediction sets equal the "
+                  f"certified model's on {check['n']}/{check['n']} test inputs, max |Δlogit| "
+                  f"{check['max_abs_logit_diff']:.2g}")
+    step(f"prunecp certify {onnx_path.name} --cert {cert.name} --data test.npz")
+    verdict = api.certify(onnx_path, test, cert=cert, run=run)
+    present.render_verdict(verdict, console)
+    return {"export_max_abs_logit_diff": check["max_abs_logit_diff"], "export_certified": verdict["passed"]}

@@ -10,7 +10,7 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     assert result.code == 0, result
     folder = tmp_path / "demo"
     for name in ("train.npz", "score.npz", "calib.npz", "test.npz", "dense.safetensors", "importance.json",
-                 "pruned.safetensors"):
+                 "pruned.safetensors", "pruned.onnx"):
         assert (folder / name).is_file(), name
     assert "done in" in result.stdout and str(folder) in result.stdout
     from prunecp_cli.io.checkpoint import open_model
@@ -28,3 +28,6 @@ def test_demo_figures(tmp_path):
     assert figures["dense_accuracy"] > 0.95
     assert figures["pruned_accuracy"] > 0.5
     assert 0.4 <= figures["flops_ratio"] <= 0.6
+    # the demo ends by exporting to ONNX and certifying the export: the same verdict as the .safetensors file
+    assert figures["export_certified"] is figures["certified"]
+    assert 0 <= figures["export_max_abs_logit_diff"] < 1e-4
