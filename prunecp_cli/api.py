@@ -203,18 +203,25 @@ def calibrate(
     k_reg: int | None = None,
     lambda_reg: float | None = None,
     class_conditional: bool = False,
+    groups: str | Path | None = None,
     output: str | Path | None = None,
     run: RunOptions = RunOptions(),
 ) -> Certificate:
     """Calibrate the model's conformal prediction sets on the calibration split; the certificate.
 
     See :func:`prunecp_cli.pipeline.calibration.calibrate` for the arguments (``run``: batch size
-    default 256; ``run.seed`` draws randomised scores and the RAPS ``k_reg`` hold-out).
+    default 256; ``run.seed`` draws randomised scores and the RAPS ``k_reg`` hold-out). ``groups``: a
+    ``.npy``/``.txt`` file with one group label per calibration example, for one threshold per group
+    (Mondrian by user group; ``certify`` then needs the test examples' groups).
 
     Raises:
         UsageError: ``alpha``/``delta`` outside (0, 1), or an output that would replace an input.
     """
     model, data = ModelSource.of(model), DataSource.of(data)
+    if groups is not None:
+        import dataclasses
+
+        data = dataclasses.replace(data, groups=groups)
     checks.check_output(output, suffixes=checks.JSON_SUFFIXES, inputs=[("model", _path(model)),
                                                                        ("data", _path(data))])
     checks.open_unit(alpha, "alpha")

@@ -98,11 +98,14 @@ class DataSource:
         path: the file or folder.
         preprocess: how pixels become inputs.
         max_samples: use at most this many examples (a seeded random subset; scoring only).
+        groups: a ``.npy``/``.txt`` file with one group label per example, in the data's order (``calibrate``:
+            Mondrian calibration by these groups).
     """
 
     path: str | Path
     preprocess: Preprocess = field(default_factory=Preprocess)
     max_samples: int | None = None
+    groups: str | Path | None = None
 
     @classmethod
     def of(cls, value: str | Path | DataSource | None, *, preprocess: Preprocess | None = None) -> DataSource | None:

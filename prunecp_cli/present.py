@@ -252,6 +252,8 @@ def certificate_rows(cert: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _fmt_quantile(value) -> str:
+    if value is None:
+        return "per group (see groups)"
     if isinstance(value, list):
         return f"per class ({len(value)})"
     return f"{value:.6f}" if isinstance(value, float) else str(value)

@@ -235,6 +235,7 @@ class Certificate(TypedDict, total=False):
     quantile_level: float | list[float]
     rank: int | list[int]
     class_counts: list[int] | None
+    groups: dict[str, Any] | None
     guarantee: dict[str, Any]
     calibration: dict[str, Any]
     risk_control: dict[str, Any]
@@ -255,6 +256,7 @@ class Verdict(TypedDict, total=False):
     set_size_histogram: list[int]
     per_class_coverage: list[float | None]
     per_class: list[dict[str, Any]] | None
+    per_group: list[dict[str, Any]] | None
     low_coverage_classes: list[dict[str, Any]]
     warnings: list[str]
     p_value: float | None

@@ -55,6 +55,11 @@ def calibrate(
     class_conditional: Annotated[bool, typer.Option("--class-conditional", help="One threshold per class (Mondrian): "
                                                     "the guarantee holds within every class; needs enough points per "
                                                     "class.", rich_help_panel=_CP)] = False,
+    groups: Annotated[Path | None, typer.Option("--groups", help="One group label per calibration example (.npy "
+                                                "array or .txt, one per line, in the data's order): one threshold "
+                                                "per group (Mondrian by user group), the guarantee holding within "
+                                                "every group; certify then needs --groups for the test data, and "
+                                                "predict/export refuse the certificate.", rich_help_panel=_CP)] = None,
     *,
     o: c.Shared,
 ) -> None:
@@ -67,10 +72,13 @@ def calibrate(
         o.model(model),
         o.data(data), alpha=alpha, delta=delta,
         nonconformity=nonconformity.value, randomized=randomized, k_reg=k_reg, lambda_reg=lambda_reg,
-        class_conditional=class_conditional, output=out, run=run,
+        class_conditional=class_conditional, groups=groups, output=out, run=run,
     )
     q = cert["quantile"]
-    shown = f"{len(q)} per-class thresholds" if isinstance(q, list) else f"q̂ = {q:.6g}"
+    if cert.get("groups"):
+        shown = f"{len(cert['groups']['labels'])} per-group thresholds"
+    else:
+        shown = f"{len(q)} per-class thresholds" if isinstance(q, list) else f"q̂ = {q:.6g}"
     calib = cert["calibration"]
     rep.info(
         f"wrote {out}: {cert['nonconformity']['name']}, {shown}, n = {cert['data']['n']}, "

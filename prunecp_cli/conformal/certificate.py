@@ -10,13 +10,15 @@ Layout (``quantile``, ``quantile_level`` and ``rank`` are lists indexed by class
 
     schema_version, model {file, sha256, arch, num_classes, params, flops, flops_unit},
     data {file, sha256, n}, nonconformity {name, parameters, tuning}, alpha, delta,
-    class_conditional, quantile, quantile_level, rank, class_counts,
-    guarantee {type, coverage_at_least, coverage_at_most, confidence, statement, per_class},
+    class_conditional, quantile, quantile_level, rank, class_counts, groups,
+    guarantee {type, coverage_at_least, coverage_at_most, confidence, statement, per_class | per_group},
     calibration {coverage, mean_set_size, top1_accuracy, set_size_histogram, per_class_coverage,
                  class_coverage_gap, worst_class, sscv, size_strata, singleton_rate, empty_rate},
     risk_control (optional), created_at, prunecp_version
 
-Schema 2 added the calibration record's conditional metrics (from
+``groups`` is null, or the thresholds of Mondrian calibration by user groups
+(:mod:`prunecp_cli.conformal.mondrian`; then the top-level ``quantile``, ``quantile_level`` and ``rank``
+are null). Schema 2 added ``groups`` and the calibration record's conditional metrics (from
 :func:`~prunecp_cli.conformal.conditional.conditional_metrics`, in-sample); schema-1 certificates,
 which lack them, are still read (:data:`READABLE_VERSIONS`) and mean the same.
 
@@ -37,9 +39,10 @@ from typing import Any
 
 from prunecp_cli import __version__
 from prunecp_cli.checks import is_finite_number, is_int
+from prunecp_cli.conformal.mondrian import check_groups_section
 from prunecp_cli.conformal.nonconformity import NONCONFORMITY, Nonconformity, from_parameters
 from prunecp_cli.conformal.quantile import QuantileResult, conformal_rank, pac_rank
-from prunecp_cli.errors import CertificateError, PrunecpError
+from prunecp_cli.errors import CertificateError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -115,6 +118,7 @@ def build_certificate(
     calibration: dict[str, Any],
     tuning: dict[str, Any] | None = None,
     risk_control: dict[str, Any] | None = None,
+    groups: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a schema-2 certificate (and validate it, so a bad one is never written).
 
@@ -130,12 +134,15 @@ def build_certificate(
         calibration: In-sample metrics on the calibration points.
         tuning: How a nonconformity parameter was chosen on data held out from the quantile, or None.
         risk_control: The model's Learn-then-Test record, copied when present.
+        groups: The ``groups`` section of a group-conditional certificate (``results`` are then the
+            groups'; see :mod:`prunecp_cli.conformal.mondrian`), or None.
 
     Returns:
         The certificate, a JSON-ready dict.
     """
-    per_class = not isinstance(results, QuantileResult)
-    items = list(results) if per_class else [results]
+    per_class = not isinstance(results, QuantileResult) and groups is None
+    items = [results] if isinstance(results, QuantileResult) else list(results)
+    top = groups is None
     cert: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "model": dict(model),
@@ -144,10 +151,11 @@ def build_certificate(
         "alpha": float(alpha),
         "delta": None if delta is None else float(delta),
         "class_conditional": per_class,
-        "quantile": [r.qhat for r in items] if per_class else items[0].qhat,
-        "quantile_level": [r.level for r in items] if per_class else items[0].level,
-        "rank": [r.k for r in items] if per_class else items[0].k,
+        "quantile": ([r.qhat for r in items] if per_class else items[0].qhat) if top else None,
+        "quantile_level": ([r.level for r in items] if per_class else items[0].level) if top else None,
+        "rank": ([r.k for r in items] if per_class else items[0].k) if top else None,
         "class_counts": [r.n for r in items] if per_class else None,
+        "groups": groups,
         "guarantee": dict(guarantee),
         "calibration": dict(calibration),
     }
@@ -331,12 +339,9 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
     alpha = _num(obj, "alpha", source, "", low=0.0, high=1.0, open_=True)
     delta = _num(obj, "delta", source, "", low=0.0, high=1.0, open_=True, nullable=True)
     per_class = _get(obj, "class_conditional", source)
-    if not isinstance(per_class, bool):
-        raise _bad(source, "class_conditional", f"must be true or false, got {per_class!r}")
-    try:
-        rank_of = (lambda m: conformal_rank(m, alpha)) if delta is None else (lambda m: pac_rank(m, alpha, delta))
-    except PrunecpError as exc:  # pragma: no cover - alpha/delta were range-checked above
-        raise _bad(source, "alpha", str(exc)) from None
+    if not isinstance(per_class, bool) or (per_class and obj.get("groups") is not None):
+        raise _bad(source, "class_conditional", f"must be true or false (false with groups), got {per_class!r}")
+    rank_of = (lambda m: conformal_rank(m, alpha)) if delta is None else (lambda m: pac_rank(m, alpha, delta))
     kind = GUARANTEE_TYPES[0] if delta is None else GUARANTEE_TYPES[1]
     guarantee = _dict(obj, "guarantee", source)
     _check_guarantee(guarantee, source, "guarantee.", kind=kind)
@@ -356,6 +361,18 @@ def validate_certificate(obj: Any, *, source: str = "certificate") -> dict[str, 
                          lambda v: isinstance(v, dict))
         for c, g in enumerate(gpc):
             _check_guarantee(g, source, f"guarantee.per_class[{c}].", kind=kind)
+    elif obj.get("groups") is not None:
+        if version < 2:
+            raise _bad(source, "groups", "needs schema_version 2")
+        labels = check_groups_section(obj["groups"], source=source, n=n, rank_of=rank_of)
+        for key in ("quantile", "quantile_level", "rank"):
+            if _get(obj, key, source) is not None:
+                raise _bad(source, key, "must be null in a group-conditional certificate (see groups)")
+        gpg = _get(guarantee, "per_group", source, "guarantee.")
+        if not isinstance(gpg, list) or len(gpg) != len(labels) or not all(isinstance(g, dict) for g in gpg):
+            raise _bad(source, "guarantee.per_group", f"must be {len(labels)} guarantees (one per group)")
+        for g, item in enumerate(gpg):
+            _check_guarantee(item, source, f"guarantee.per_group[{g}].", kind=kind)
     else:
         _num(obj, "quantile", source, "")
         _num(obj, "quantile_level", source, "", low=0.0, high=1.0, open_=False)

@@ -187,15 +187,18 @@ def prediction_sets(all_scores: torch.Tensor, qhat: float | torch.Tensor) -> tor
 
     Args:
         all_scores: Tensor [N, K] from :meth:`Nonconformity.all_scores`.
-        qhat: A scalar threshold, or a tensor [K] of per-class thresholds (class-conditional
-            calibration: label ``y`` is compared with ``qhat[y]``).
+        qhat: A scalar threshold, a tensor [K] of per-class thresholds (class-conditional
+            calibration: label ``y`` is compared with ``qhat[y]``), or a tensor [N, 1] of per-point
+            thresholds (Mondrian by user group: each point's group's q̂).
 
     Returns:
         Bool tensor [N, K] on the scores' device.
     """
     q = torch.as_tensor(qhat, dtype=all_scores.dtype, device=all_scores.device)
-    if q.dim() not in (0, 1) or (q.dim() == 1 and q.shape[0] != all_scores.shape[1]):
-        raise ValueError(f"qhat must be a scalar or a tensor [{all_scores.shape[1]}], got {tuple(q.shape)}")
+    if not (q.dim() == 0 or (q.dim() == 1 and q.shape[0] == all_scores.shape[1])
+            or (q.dim() == 2 and q.shape == (all_scores.shape[0], 1))):
+        raise ValueError(f"qhat must be a scalar, a tensor [{all_scores.shape[1]}] or [{all_scores.shape[0]}, 1], "
+                         f"got {tuple(q.shape)}")
     return all_scores <= q
 
 

@@ -31,7 +31,18 @@ PREDICT_STREAM = 2
 
 
 def certificate_threshold(certificate: dict[str, Any]) -> float | torch.Tensor:
-    """The certificate's q̂: a float, or a float64 tensor ``[K]`` when class-conditional."""
+    """The certificate's q̂: a float, or a float64 tensor ``[K]`` when class-conditional.
+
+    Raises:
+        CertificateError: A group-conditional certificate (its thresholds depend on each point's group,
+            which only ``certify --groups`` and :func:`prunecp_cli.pipeline.certification.verdict_from_logits`
+            take).
+    """
+    if certificate.get("groups"):
+        raise CertificateError(
+            f"the certificate is group-conditional (one threshold for each of {len(certificate['groups']['labels'])} "
+            "groups from calibrate --groups), so sets need each point's group: certify it with --groups; predict "
+            "and export take no group labels, so calibrate without --groups for them")
     q = certificate["quantile"]
     return torch.tensor(q, dtype=torch.float64) if isinstance(q, list) else float(q)
 

@@ -24,7 +24,6 @@ nonconformity module's own default.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,13 @@ import torch
 from prunecp_cli import dist
 from prunecp_cli.conformal.certificate import build_certificate, class_conditional_guarantee
 from prunecp_cli.conformal.conditional import conditional_metrics
+from prunecp_cli.conformal.mondrian import (
+    group_guarantee,
+    group_index,
+    group_quantiles,
+    groups_section,
+    sorted_labels,
+)
 from prunecp_cli.conformal.nonconformity import (
     NONCONFORMITY,
     RAPS,
@@ -58,9 +64,10 @@ from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.io.files import write_json
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
 from prunecp_cli.options import DataSource, ModelSource, RunOptions
+from prunecp_cli.pipeline.groups import read_groups
 from prunecp_cli.pipeline.inference import collect_logits
+from prunecp_cli.pipeline.risk_record import risk_record
 from prunecp_cli.pipeline.session import Session, open_source
-from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.types import UsedData
 
 __all__ = [
@@ -136,6 +143,7 @@ def certificate_from_logits(
     data: dict[str, Any],
     tuning: dict[str, Any] | None = None,
     risk_control: dict[str, Any] | None = None,
+    groups: tuple[list[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The certificate of calibration logits: scores, quantile(s), guarantee, in-sample metrics.
 
@@ -152,8 +160,11 @@ def certificate_from_logits(
         data: The certificate's ``data`` record; ``n`` is set here.
         tuning: How a score parameter was chosen on held-out points, or None.
         risk_control: The model's Learn-then-Test record, or None.
+        groups: ``(one group label per point, {file, sha256})`` for Mondrian calibration by user group
+            (:mod:`prunecp_cli.conformal.mondrian`), or None.
 
     Raises:
+        UsageError: Both ``class_conditional`` and ``groups``.
         CalibrationError: Too few points (naming the smallest n that works) or non-finite scores.
         DataError: Labels outside the model's classes.
     """
@@ -164,7 +175,20 @@ def certificate_from_logits(
     all_scores = nonconformity.all_scores(logits, generator=nonconformity.make_generator(stream=CALIBRATION_STREAM))
     label_scores = all_scores.gather(1, labels.to(all_scores.device).unsqueeze(1)).squeeze(1)
     num_classes = logits.shape[1]
-    if class_conditional:
+    section = None
+    if groups is not None:
+        if class_conditional:
+            raise UsageError("{class_conditional} and {groups} are two Mondrian taxonomies; choose one",
+                             arguments={"class_conditional": "class_conditional", "groups": "groups"})
+        names = sorted_labels(groups[0])
+        index = group_index(groups[0], names, where="the calibration group labels")
+        results = group_quantiles(label_scores, index, names, alpha, delta=delta)
+        cpu_scores = label_scores.cpu()
+        claim = group_guarantee([guarantee(r, label_scores=cpu_scores[index == g]) for g, r in enumerate(results)],
+                                delta=delta)
+        qhat = torch.tensor([r.qhat for r in results], dtype=torch.float64)[index].unsqueeze(1).to(all_scores.device)
+        section = groups_section(results, names, groups[1])
+    elif class_conditional:
         results = class_conditional_quantiles(label_scores, labels, num_classes, alpha, delta=delta)
         per_class = [guarantee(r, label_scores=label_scores[labels.to(label_scores.device) == c])
                      for c, r in enumerate(results)]
@@ -179,7 +203,7 @@ def certificate_from_logits(
         model=model, data={**data, "n": int(labels.shape[0])}, nonconformity=nonconformity, alpha=alpha,
         delta=delta, results=results, guarantee=claim,
         calibration={**set_metrics(sets, labels, logits=logits), **conditional_metrics(sets, labels, alpha=alpha)},
-        tuning=tuning, risk_control=risk_control,
+        tuning=tuning, risk_control=risk_control, groups=section,
     )
 
 
@@ -230,71 +254,6 @@ def model_record(session: Session) -> dict[str, Any]:
     }
 
 
-def risk_record(
-    control: Any,
-    *,
-    weights: str,
-    nonconformity: Nonconformity,
-    alpha: float,
-    delta: float | None,
-    class_conditional: bool,
-    reporter: Reporter = SILENT,
-) -> dict[str, Any] | None:
-    """The model's Learn-then-Test record for a new certificate, or None when it does not apply.
-
-    A record is copied only when it was made for exactly these weights (its ``weights_sha256``), and a
-    set-size record only when the certificate's sets are the ones it tested (same nonconformity and
-    parameters, alpha, delta and class-conditional choice). The copy says which threshold it is about:
-    the set-size test recalibrated q̂ on the risk data at each level, so its bound is about those
-    sets, not about this certificate's q̂; the other risks are about top-1 predictions and use no q̂.
-
-    Args:
-        control: the model metadata's ``risk_control`` record (None when absent).
-        weights: :func:`~prunecp_cli.io.digest.weights_sha256` of the model being calibrated.
-        nonconformity: the certificate's score, after any tuning.
-        alpha: the certificate's alpha.
-        delta: the certificate's delta (None: marginal).
-        class_conditional: whether the certificate has one threshold per class.
-        reporter: receives a warning when a record is left out.
-    """
-    if not isinstance(control, dict):
-        return None
-    if control.get("weights_sha256") != weights:
-        reporter.warn("the model carries a Learn-then-Test record that was not made for these weights (the model "
-                      "was changed after the test); it is left out of the certificate")
-        return None
-    record = dict(control)
-    if control.get("risk") != "set-size":
-        record["threshold"] = {"uses_quantile": False, "about": "the model's top-1 predictions; the bound does not "
-                               "depend on q-hat"}
-        return record
-    tested = control.get("set_size") or {}
-    wanted = {"nonconformity": {"name": nonconformity.name, "parameters": nonconformity.parameters()},
-              "alpha": float(alpha), "delta": None if delta is None else float(delta),
-              "class_conditional": bool(class_conditional)}
-    have = {key: tested.get(key) for key in wanted}
-    if json.dumps(have, sort_keys=True) != json.dumps(wanted, sort_keys=True):
-        reporter.warn(
-            f"the model's Learn-then-Test set-size bound was tested on sets of {_sets_text(have)}, but this "
-            f"certificate makes sets of {_sets_text(wanted)}; the bound is left out of the certificate")
-        return None
-    at_level = next((r for r in reversed(control.get("levels") or []) if r.get("level") == control.get("level")), {})
-    record["threshold"] = {
-        "uses_quantile": True, "quantile_in_test": at_level.get("qhat"),
-        "about": f"sets with q-hat recalibrated on {tested.get('calibration_n')} points of the risk data "
-                 f"({control.get('data_file')}), not this certificate's q-hat",
-    }
-    return record
-
-
-def _sets_text(spec: dict[str, Any]) -> str:
-    score = spec.get("nonconformity") or {}
-    text = f"{score.get('name')} {json.dumps(score.get('parameters'), sort_keys=True)} at alpha {spec.get('alpha')}"
-    if spec.get("delta") is not None:
-        text += f", delta {spec['delta']}"
-    return text + (", per class" if spec.get("class_conditional") else "")
-
-
 def _check_probability(name: str, value: float | None) -> None:
     if value is not None:
         decimal_fraction(value, name=name)  # UsageError outside (0, 1)
@@ -327,6 +286,8 @@ def calibrate(
         k_reg: RAPS ranks left unpenalised; None chooses it on held-out points (module docstring).
         lambda_reg: RAPS penalty per rank beyond ``k_reg`` (None: 0.01); SAPS ranking weight (None: 0.2).
         class_conditional: One threshold per class (Mondrian), each class with its own guarantee.
+            ``data.groups`` (a :class:`DataSource` with a groups file) instead gives one threshold per
+            user group (:mod:`prunecp_cli.conformal.mondrian`).
         tune_fraction: Share of the calibration file held out to choose RAPS ``k_reg``.
         output: Write the certificate here (atomically, rank 0 only).
         run: Device, batch size (default 256), seed (of randomised scores and of the ``k_reg``
@@ -353,16 +314,24 @@ def calibrate(
     weights = weights_sha256(session.model)
     logits, labels = collect_logits(session.model, dataset, device=session.device, batch_size=batch_size,
                                     num_classes=session.num_classes, reporter=reporter, description="calibration")
+    groups = None
+    if data.groups is not None:
+        if class_conditional:
+            raise UsageError("{class_conditional} and {groups} are two Mondrian taxonomies; choose one",
+                             arguments={"class_conditional": "class_conditional", "groups": "groups"})
+        groups = list(read_groups(data.groups, n=len(dataset)))
     tuning = None
     if isinstance(score, RAPS) and k_reg is None:
-        logits, labels, score, tuning = _tune_k_reg(logits, labels, score, alpha=alpha, delta=delta,
-                                                    fraction=tune_fraction, seed=seed)
+        logits, labels, score, tuning, rest = _tune_k_reg(logits, labels, score, alpha=alpha, delta=delta,
+                                                          fraction=tune_fraction, seed=seed)
+        if groups is not None:
+            groups[0] = [groups[0][i] for i in rest.tolist()]
     control = risk_record(session.loaded.meta.extra.get("risk_control"), weights=weights, nonconformity=score,
                           alpha=alpha, delta=delta, class_conditional=class_conditional, reporter=reporter)
     cert = certificate_from_logits(
         logits, labels, alpha=alpha, delta=delta, nonconformity=score, class_conditional=class_conditional,
         model=model_record(session), data={"file": dataset.path.name, "sha256": dataset.sha256},
-        tuning=tuning, risk_control=control,
+        tuning=tuning, risk_control=control, groups=None if groups is None else tuple(groups),
     )
     if output is not None and dist.rank() == 0:
         write_json(output, cert)
@@ -372,7 +341,7 @@ def calibrate(
 
 def _tune_k_reg(logits: torch.Tensor, labels: torch.Tensor, score: RAPS, *, alpha: float, delta: float | None,
                 fraction: float, seed: int):
-    """Choose RAPS ``k_reg`` on a held-out part; return the remaining points and the tuned score."""
+    """Choose RAPS ``k_reg`` on a held-out part; the remaining points, the tuned score, its record, their indices."""
     n = logits.shape[0]
     n_tune = max(1, int(round(fraction * n)))
     need = min_calibration_size(alpha, delta)
@@ -397,4 +366,4 @@ def _tune_k_reg(logits: torch.Tensor, labels: torch.Tensor, score: RAPS, *, alph
         "rule": "(1 - alpha)-quantile of the true label's rank on these held-out points, which are not among "
                 "the data.n points the quantile was taken on",
     }
-    return logits[rest_t], labels[rest_t], tuned, record
+    return logits[rest_t], labels[rest_t], tuned, record, rest_t

@@ -43,6 +43,7 @@ import torch
 
 from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
 from prunecp_cli.conformal.conditional import conditional_metrics, group_metrics
+from prunecp_cli.conformal.mondrian import group_index
 from prunecp_cli.conformal.nonconformity import from_parameters, prediction_sets
 from prunecp_cli.conformal.power import DETECTION_POWER, CoverageLaw, min_detectable_drop
 from prunecp_cli.conformal.predictor import CERTIFY_STREAM, certificate_threshold
@@ -70,18 +71,17 @@ def _check_pac_test(pac_test: str) -> None:
                          arguments={"pac_test": "pac_test"})
 
 
-def _law(m: int, *, certificate: dict[str, Any], cls: int | None, pac_test: str) -> CoverageLaw:
-    """The null law of the covered count among ``m`` test points (of class ``cls``)."""
+def _law(m: int, *, certificate: dict[str, Any], nk: tuple[int, int] | None, pac_test: str) -> CoverageLaw:
+    """The null law of the covered count among ``m`` test points (of a stratum calibrated on ``nk = (n, k)``)."""
     if certificate["delta"] is not None and pac_test == "binomial":
         return CoverageLaw(m, coverage=1 - certificate["alpha"])
-    if cls is None:
-        return CoverageLaw(m, n=certificate["data"]["n"], k=certificate["rank"])
-    return CoverageLaw(m, n=certificate["class_counts"][cls], k=certificate["rank"][cls])
+    n, k = (certificate["data"]["n"], certificate["rank"]) if nk is None else nk
+    return CoverageLaw(m, n=n, k=k)
 
 
-def _p_value(covered: int, m: int, *, certificate: dict[str, Any], cls: int | None = None,
+def _p_value(covered: int, m: int, *, certificate: dict[str, Any], nk: tuple[int, int] | None = None,
              pac_test: str = PAC_TESTS[0]) -> tuple[float, str]:
-    law = _law(m, certificate=certificate, cls=cls, pac_test=pac_test)
+    law = _law(m, certificate=certificate, nk=nk, pac_test=pac_test)
     if law.coverage is not None:
         return p_value_pac(covered, m, alpha=certificate["alpha"]), f"Binomial({m}, {1 - certificate['alpha']:g})"
     at = " at the PAC rank" if certificate["delta"] is not None else ""
@@ -146,11 +146,12 @@ def verdict_from_logits(
         generator: Source of ``U`` for randomised scores (default: the certificate seed's
             :data:`CERTIFY_STREAM`, never the calibration stream).
         pac_test: ``beta-binomial`` (exact) or ``binomial`` (conservative), for PAC certificates.
-        groups: One group label per test point, for the per-group metrics, or None.
+        groups: One group label per test point, for the per-group metrics, or None; required for a
+            group-conditional certificate, whose groups are then tested like classes (Bonferroni).
 
     Returns:
         ``{schema_version, passed, coverage, covered, n, mean_set_size, top1_accuracy, set_size_histogram,
-        per_class_coverage, per_class, p_value, test, pac_test, significance, min_detectable_drop,
+        per_class_coverage, per_class, per_group, p_value, test, pac_test, significance, min_detectable_drop,
         detection_power, alpha, delta, guarantee, class_conditional, class_coverage_gap, worst_class, sscv,
         size_strata, singleton_rate, empty_rate, groups, low_coverage_classes, warnings, checks}``;
         ``checks`` holds the one ``coverage`` check; ``warnings`` holds the :func:`class_warning` line
@@ -158,7 +159,8 @@ def verdict_from_logits(
 
     Raises:
         UsageError: An unknown ``pac_test``.
-        DataError: Labels outside the model's classes, or the logits do not have the certificate's K.
+        DataError: Labels outside the model's classes, the logits do not have the certificate's K, or a
+            group-conditional certificate without (or with unknown) group labels.
     """
     decimal_fraction(significance, name="significance")
     _check_pac_test(pac_test)
@@ -169,34 +171,49 @@ def verdict_from_logits(
     score = from_parameters(certificate["nonconformity"]["name"], certificate["nonconformity"]["parameters"])
     if generator is None and score.randomized:
         generator = score.make_generator(stream=CERTIFY_STREAM)
-    sets = prediction_sets(score.all_scores(logits, generator=generator), certificate_threshold(certificate))
+    all_scores = score.all_scores(logits, generator=generator)
+    section = certificate.get("groups")
+    if section:
+        if groups is None:
+            raise DataError("the certificate is group-conditional (calibrate --groups): pass the test examples' "
+                            "group labels with --groups (groups=) so that each point gets its group's threshold")
+        index = group_index(groups, section["labels"], where="the test group labels").to(all_scores.device)
+        qhat = torch.tensor(section["quantile"], dtype=torch.float64, device=all_scores.device)[index].unsqueeze(1)
+        strata = [("group", g, index == i, (section["counts"][i], section["rank"][i]))
+                  for i, g in enumerate(section["labels"])]
+    else:
+        qhat = certificate_threshold(certificate)
+        strata = [("class", c, labels.to(all_scores.device) == c, (certificate["class_counts"][c], certificate["rank"][c]))
+                  for c in range(logits.shape[1])] if certificate["class_conditional"] else []
+    sets = prediction_sets(all_scores, qhat)
     metrics = set_metrics(sets, labels, logits=logits)
     m, covered = int(labels.shape[0]), covered_count(sets, labels.to(sets.device))
     at_least = certificate["guarantee"]["coverage_at_least"]
-    per_class = None
-    if certificate["class_conditional"]:
-        per_class = []
-        for c in range(sets.shape[1]):
-            mask = labels.to(sets.device) == c
+    per_stratum = None
+    if strata:
+        per_stratum = []
+        for unit, key, mask, nk in strata:
             m_c = int(mask.sum())
             if m_c == 0:
-                per_class.append({"class": c, "n": 0, "covered": 0, "coverage": None, "p_value": None})
+                per_stratum.append({unit: key, "n": 0, "covered": 0, "coverage": None, "p_value": None})
                 continue
             hits = covered_count(sets[mask], labels.to(sets.device)[mask])
-            p_c, _ = _p_value(hits, m_c, certificate=certificate, cls=c, pac_test=pac_test)
-            per_class.append({"class": c, "n": m_c, "covered": hits, "coverage": hits / m_c, "p_value": p_c})
-        tested = [r for r in per_class if r["p_value"] is not None]
+            p_c, _ = _p_value(hits, m_c, certificate=certificate, nk=nk, pac_test=pac_test)
+            per_stratum.append({unit: key, "n": m_c, "covered": hits, "coverage": hits / m_c, "p_value": p_c,
+                                "nk": nk})
+        tested = [r for r in per_stratum if r["p_value"] is not None]
         worst = min(tested, key=lambda r: r["p_value"])
         p_value = min(1.0, len(tested) * worst["p_value"])
         family = "Binomial" if certificate["delta"] is not None and pac_test == "binomial" else "Beta-Binomial"
-        test = f"{family} per class, Bonferroni over {len(tested)} classes"
-        where = (f"class {worst['class']} (smallest p-value) coverage {worst['coverage']:.4f} "
+        unit = strata[0][0]
+        test = f"{family} per {unit}, Bonferroni over {len(tested)} {unit}{'es' if unit == 'class' else 's'}"
+        where = (f"{unit} {worst[unit]} (smallest p-value) coverage {worst['coverage']:.4f} "
                  f"({worst['covered']}/{worst['n']})")
-        laws = [_law(r["n"], certificate=certificate, cls=r["class"], pac_test=pac_test) for r in tested]
+        laws = [_law(r["n"], certificate=certificate, nk=r.pop("nk"), pac_test=pac_test) for r in tested]
     else:
         p_value, test = _p_value(covered, m, certificate=certificate, pac_test=pac_test)
         where = f"coverage {covered / m:.4f} ({covered}/{m})"
-        laws = [_law(m, certificate=certificate, cls=None, pac_test=pac_test)]
+        laws = [_law(m, certificate=certificate, nk=None, pac_test=pac_test)]
     drop = min_detectable_drop(laws, significance)
     conditional = conditional_metrics(sets, labels, alpha=certificate["alpha"])
     by_group = None if groups is None else group_metrics(sets, labels, groups, alpha=certificate["alpha"])
@@ -220,7 +237,8 @@ def verdict_from_logits(
         "top1_accuracy": metrics["top1_accuracy"],
         "set_size_histogram": metrics["set_size_histogram"],
         "per_class_coverage": metrics["per_class_coverage"],
-        "per_class": per_class,
+        "per_class": per_stratum if certificate["class_conditional"] else None,
+        "per_group": per_stratum if section else None,
         "p_value": p_value,
         "test": test,
         "pac_test": pac_test if certificate["delta"] is not None else None,

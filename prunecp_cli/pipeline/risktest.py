@@ -185,6 +185,9 @@ def read_set_size_split(cert: str | Path, n: int, *, seed: int) -> SetSizeSplit:
     from prunecp_cli.conformal.nonconformity import from_parameters
 
     obj = load_certificate(cert)
+    if obj.get("groups"):
+        raise UsageError("{cert} is group-conditional (calibrate --groups); the set-size risk needs a certificate "
+                         "without groups", arguments={"cert": "cert"})
     name, params = obj["nonconformity"]["name"], obj["nonconformity"].get("parameters", {})
     delta = obj.get("delta")
     calibration, test = split_indices(n, [0.5, 0.5], seed=seed)
