@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{MODEL}: {channels} channels in {len(groups)} groups; {len(data)} examples; one forward pass "
         f"{report['forward_seconds'] * 1000:.1f} ms")
 
-    bf_options = {"alpha": ALPHA, "cal-fraction": CAL_FRACTION}
+    # the plain loop is the one-shot, single-split estimator (the registry's default is greedy over re-splits)
+    bf_options = {"alpha": ALPHA, "cal-fraction": CAL_FRACTION, "schedule": "one-shot", "resplits": 1,
+                  "measure": "size-of"}
     registry_runs, plain_runs, registry_scores, plain_scores = [], [], None, None
     for i in range(args.repeats):  # alternate, so both see the same machine load
         log(f"cp-bruteforce (registry), run {i + 1}/{args.repeats}")

@@ -48,14 +48,14 @@ METHODS: dict[str, MethodInfo] = {
         "L1 norm of every weight a channel's removal deletes (producers' filters, consumers' input slices, "
         "norm scales), each member normalised by its mean, averaged over the group's members",
         needs_data=False,
-    ),
         options=_MAGNITUDE_OPTIONS,
+    ),
     "l2": MethodInfo(
         "prunecp_cli.importance.magnitude:L2Importance",
         "as l1 with the L2 norm of each member's weights per channel",
         needs_data=False,
-    ),
         options=_MAGNITUDE_OPTIONS,
+    ),
     "taylor": MethodInfo(
         "prunecp_cli.importance.taylor:TaylorImportance",
         "first-order Taylor |sum_hw a*dL/da| of the cross-entropy, averaged over examples (Molchanov et al. 2017)",
@@ -78,12 +78,21 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "cp-bruteforce": MethodInfo(
         "prunecp_cli.importance.cp_bruteforce:CPBruteForceImportance",
-        "exact change of split-conformal efficiency (set size + observed fuzziness) when each channel is "
-        "zeroed, recalibrated per channel (Zhao et al. 2025)",
+        "exact change of recalibrated split-conformal efficiency when channels are zeroed, averaged over "
+        "re-splits of the score data, removed greedily a chunk at a time (Zhao et al. 2025)",
         options={
             "alpha": (0.1, "miscoverage of the LAC predictor whose efficiency is measured"),
-            "measure": ("size-of", "efficiency: size-of (mean of set size and observed fuzziness), size, or of"),
-            "cal-fraction": (0.5, "share of the score data that calibrates; the rest measures efficiency"),
+            "measure": ("size", "efficiency: size (mean set size), size-of (mean of set size and observed "
+                        "fuzziness), of, or soft-size (sigmoid set size at the recalibrated threshold)"),
+            "temperature": (0.1, "measure=soft-size: sigmoid temperature, in log-probability units"),
+            "cal-fraction": (0.5, "share of the score data that calibrates in each re-split; the rest measures efficiency"),
+            "resplits": (100, "random calibration/evaluation re-splits the efficiency is averaged over (1: the seeded split)"),
+            "schedule": ("greedy", "greedy: remove the cheapest chunk, re-score the rest with it silenced, repeat; "
+                         "one-shot: every channel alone"),
+            "scope": ("auto", "greedy across all groups (global) or within each (local); auto: prune's --scope"),
+            "remove": (0.5, "share of channels the greedy schedule removes (local: of each group; global: of all)"),
+            "chunk": (2, "channels removed per greedy round (local: per group; global: in all)"),
+            "max-rounds": (16, "most greedy rounds (masked passes over the data); the chunk grows to fit"),
             "max-rows": (128, "most rows (masks x examples) per forward pass (memory vs speed; 128 was fastest on 2 CPU cores)"),
             "max-memory-gb": (2.0, "stop early, naming a --max-samples that fits, above this much kept logits"),
         },
@@ -132,6 +141,20 @@ METHODS: dict[str, MethodInfo] = {
         },
     ),
 }
+
+
+def bind_scope(name: str, params: dict[str, Any], scope: str) -> dict[str, Any]:
+    """``params`` with a ``scope`` option of ``auto`` set to the selection scope (prune's ``--scope``)."""
+    return {**params, "scope": scope} if params.get("scope") == "auto" else params
+
+
+def comparable_across_groups(name: str, params: dict[str, Any]) -> bool:
+    """True when method ``name``'s scores rank all groups' channels on one scale already.
+
+    cp-bruteforce's global greedy schedule gives every channel its removal round, so global selection
+    must take the scores as they are (no per-group normalisation).
+    """
+    return name == "cp-bruteforce" and params.get("schedule") == "greedy" and params.get("scope") == "global"
 
 
 def _entry_points() -> dict[str, str]:

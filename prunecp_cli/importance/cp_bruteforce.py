@@ -1,6 +1,6 @@
 """Brute-force conformal-efficiency importance (``cp-bruteforce``).
 
-The importance of channel f of a group is how much less efficient a split-conformal predictor on
+The cost of removing channel f of a group is how much less efficient a split-conformal predictor on
 top of the network becomes when f is silenced (Zhao, Farjudian & Bellotti, Neurocomputing 611,
 128704, 2025; algorithms.md §1 steps 1-3)::
 
@@ -8,184 +8,173 @@ top of the network becomes when f is silenced (Zhao, Farjudian & Bellotti, Neuro
 
 * **Channel zeroed** after its normalisation layer, for every member of the coupled group at once
   (:class:`~prunecp_cli.surgery.gates.ChannelGates`), which equals removing it in eval mode.
-* **Data.** The score split (after ``--max-samples``) is split at random by ``--seed`` into a
-  calibration part (``cal-fraction``, default one half) and an evaluation part. For *every* mask the
-  LAC threshold q̂ = the k-th smallest calibration nonconformity 1 − π_y(x), k = ⌈(n+1)(1−α)⌉, is
-  recomputed, so c_f measures the efficiency of the *recalibrated* predictor, as after pruning.
-* **Efficiency E** on the evaluation part (option ``measure``, smaller = more efficient):
+* **Recalibrated, averaged over re-splits** (:mod:`~prunecp_cli.importance.cp_resplit`). All of the
+  score split (after ``--max-samples``) is used. For every mask the logits of all points are computed
+  once; then ``resplits`` (default 100) random calibration/evaluation splits of those points
+  (``cal-fraction`` calibrates) each recalibrate the LAC threshold q̂ = the k-th smallest calibration
+  nonconformity 1 − π_y(x), k = ⌈(n+1)(1−α)⌉, and E is the mean over the splits of the efficiency on
+  the evaluation part. On one split of a few hundred points c_f is mostly the noise of q̂ and of the
+  evaluation half; the average over re-splits of the same cached logits is cheap (vectorised).
+  ``resplits=1`` is the seeded single split (split 0 is ``--seed``'s permutation).
+* **Efficiency E** (option ``measure``, smaller = more efficient): ``size`` (default), the mean set
+  size at α; ``size-of``, the mean of set size and observed fuzziness (OF, Vovk et al. 2016: mean
+  over points of the sum of the false labels' conformal p-values; algorithms.md §1 step 2); ``of``;
+  ``soft-size``, the sigmoid set size at the recalibrated threshold (temperature ``temperature``).
+* **Greedy schedule** (default, :mod:`~prunecp_cli.importance.cp_greedy`): one-at-a-time effects miss
+  redundancy, so the cheapest ``chunk`` channels are silenced, every remaining channel is re-scored
+  with them silenced, and so on until ``remove`` of the channels are gone (``scope`` local: within
+  each group, the other groups intact; global: across all groups, every removal so far silenced).
+  The score of a channel is its removal round plus its position within the round, so the ranking is
+  the greedy removal order; the survivors follow, by their last costs. ``schedule=one-shot`` returns
+  c_f of every channel alone (the estimator of the paper). ``scope=auto`` takes prune's ``--scope``
+  (local under ``prunecp score``); with global scope prune takes the scores unnormalised (they are
+  costs of one network, one scale).
 
-  - ``size-of`` (default, algorithms.md §1 step 2): the average of the mean set size at α and the
-    observed fuzziness (OF, Vovk et al. 2016: mean over points of the sum of the false labels'
-    conformal p-values). Both are step functions of the logits, but OF moves whenever any false
-    label's score crosses any calibration score, so it breaks the many ties of the set size
-    (which, at α = 0.1 on an accurate model, is mostly 0 or 1 per point).
-  - ``size``: the mean set size alone; ``of``: the observed fuzziness alone.
+On the digits CNN (tests/importance/test_cp_bruteforce.py), zeroing a layer's lowest quarter by this
+estimator gave a smaller held-out set size than taylor's or l1's quarter, where the former one-shot,
+single-split estimator did not.
 
-**Cost and exactness.** Every channel needs a forward pass over the data. They come from
-:class:`~prunecp_cli.surgery.masked.MaskedEvaluator`: per batch the clean model runs once and, per
-group, only the layers after the group run, for the C masks with one channel off, a few masks per
+**Cost and exactness.** Every round is one pass over the data on
+:class:`~prunecp_cli.surgery.masked.MaskedEvaluator`: per batch the (base) model runs once and, per
+group, only the layers after the group run, for the masks with one more channel off, a few masks per
 pass (``max-rows``). Layers whose masked value is the clean value times the mask are not re-run,
 and the first dense convolution after the group costs one grouped convolution per batch instead of
-one per mask (its output with channel f off is the clean output minus channel f's term). The
-result equals a plain loop that re-runs the whole model once per channel (tested to 1e-5; the
-convolution terms differ from a direct convolution by float rounding only, about 1e-7 relative).
-On the ResNet-style benchmark model this measured 3.4× faster than that loop
-(``examples/benchmarks/scoring_speed.py``).
+one per mask. With ``schedule=one-shot resplits=1`` the result equals a plain loop that re-runs the
+whole model once per channel (tested to 1e-5). The greedy schedule runs at most ``max-rounds``
+passes (the chunk grows to fit); each costs about one one-shot scoring of the remaining channels.
 
-**Memory.** The float32 logits of the evaluation part are kept for every mask until all batches
-are seen (the threshold needs every calibration point first): 4·(Σ_g (C_g + 1))·N_eval·K bytes plus
-the calibration part's true-label scores. Above ``max-memory-gb`` (default 2) the method stops
-before computing and names a ``--max-samples`` that fits.
+**Memory.** The float32 logits of every point are kept for every mask of a round until all batches
+are seen (the thresholds need every calibration point first): 4·(Σ_g C_g + 1)·N·K bytes. Above
+``max-memory-gb`` (default 2) the method stops before computing and names a ``--max-samples`` that
+fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from prunecp_cli import dist
-from prunecp_cli.conformal.nonconformity import LAC
-from prunecp_cli.conformal.quantile import conformal_rank, min_calibration_size
-from prunecp_cli.errors import CalibrationError, UsageError
+from prunecp_cli.conformal.quantile import min_calibration_size
+from prunecp_cli.errors import UsageError
 from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
+from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
+from prunecp_cli.importance.cp_resplit import MEASURES, resplit_efficiency, split_masks
 from prunecp_cli.surgery.masked import MaskedEvaluator
-
-MEASURES = ("size-of", "size", "of")
-
-
-def efficiency(cal_scores: torch.Tensor, eval_scores: torch.Tensor, eval_labels: torch.Tensor, *,
-               alpha: float, measure: str = "size-of") -> torch.Tensor:
-    """Efficiency E of a split-conformal predictor, for M predictors at once (smaller = more efficient).
-
-    Args:
-        cal_scores: ``[M, n]`` calibration nonconformities at the true labels (one row per predictor).
-        eval_scores: ``[M, m, K]`` nonconformities of every label on the evaluation points.
-        eval_labels: ``[m]`` true labels of the evaluation points.
-        alpha: target miscoverage of the threshold.
-        measure: ``size-of`` (mean of set size and observed fuzziness), ``size`` or ``of``.
-
-    Returns:
-        float64 ``[M]``.
-
-    Raises:
-        CalibrationError: ``n`` is too small for a finite threshold at ``alpha``.
-    """
-    cal = cal_scores.double()
-    scores = eval_scores.double()
-    copies, n = cal.shape
-    m = scores.shape[1]
-    k = conformal_rank(n, alpha)
-    if k > n:
-        raise CalibrationError(
-            f"cp-bruteforce calibrates on {n} points, too few for a finite threshold at alpha={alpha} "
-            f"(need {min_calibration_size(alpha)}); use more score data (--max-samples) or a larger alpha"
-        )
-    ordered = torch.sort(cal, dim=1).values.contiguous()
-    qhat = ordered[:, k - 1]
-    size = (scores <= qhat[:, None, None]).sum(dim=(1, 2)).double() / m
-    if measure == "size":
-        return size
-    # OF = mean_x Σ_{y≠y_x} (#{i : s_i ≥ s(x, y)} + 1) / (n + 1), exact integer counts
-    at_least = n - torch.searchsorted(ordered, scores.reshape(copies, -1).contiguous(), side="left")
-    false = torch.ones(m, scores.shape[2], dtype=torch.bool).scatter_(1, eval_labels.long().cpu()[:, None], False)
-    totals = ((at_least + 1) * false.reshape(1, -1).to(at_least.device)).sum(dim=1)
-    fuzziness = totals.double() / (m * (n + 1))
-    return fuzziness if measure == "of" else (size + fuzziness) / 2
-
-
-def calibration_rows(ctx: ImportanceContext, fraction: float) -> torch.Tensor:
-    """Data rows of the internal calibration part: a ``ctx.seed`` random ``fraction`` of the used rows.
-
-    Taken over all ranks' rows (before sharding), so every rank splits the same way.
-    """
-    rows = dataclasses.replace(ctx, shard=None).dataset().rows
-    chosen = np.random.default_rng(ctx.seed).permutation(len(rows))[: round(fraction * len(rows))]
-    return torch.from_numpy(np.sort(rows[chosen]))
 
 
 class CPBruteForceImportance(Importance):
-    """Change of conformal efficiency when each channel is zeroed, exactly (see module docstring)."""
+    """Change of conformal efficiency when channels are zeroed, greedy by default (see module docstring)."""
 
     name = "cp-bruteforce"
     needs: ClassVar[Needs] = Needs.DATA | Needs.LABELS
 
     def __call__(self, ctx: ImportanceContext) -> dict[str, torch.Tensor]:
-        opts = method_options(ctx, self.name)
-        alpha, measure = float(opts["alpha"]), str(opts["measure"])
-        if measure not in MEASURES:
-            raise UsageError(f"--opt measure={measure}: use one of {', '.join(MEASURES)}")
-        fraction = float(opts["cal-fraction"])
-        if not 0.0 < fraction < 1.0:
-            raise UsageError(f"--opt cal-fraction={fraction} must lie in (0, 1)")
+        settings = _settings(method_options(ctx, self.name))
         data = ctx.dataset()
-        cal_rows = calibration_rows(ctx, fraction)
-        _check_size(ctx, len(cal_rows), alpha, float(opts["max-memory-gb"]))
-        store = {g.name: _Store() for g in ctx.groups}
-        channels = sum(g.channels for g in ctx.groups)
-        batches = -(-len(data) // ctx.batch_size)
-        work = self._collect(ctx, data, cal_rows, store, int(opts["max-rows"]))
-        description = f"cp-bruteforce: {channels} channels × {batches} batch(es)"
-        for _ in ctx.reporter.track(work, total=channels * batches, description=description):
-            pass
-        scores = {}
-        for group in ctx.groups:
-            cal, evals, labels = store[group.name].gathered()
-            value = efficiency(cal, LAC().all_scores(evals.reshape(-1, evals.shape[-1])).reshape(*evals.shape),
-                               labels, alpha=alpha, measure=measure)
-            scores[group.name] = (value[1:] - value[0]).cpu()
+        rows = dataclasses.replace(ctx, shard=None).dataset().rows
+        calibration = split_masks(rows, settings.fraction, settings.resplits, ctx.seed)
+        _check_size(ctx, int(calibration[0].sum()), settings.alpha, settings.max_gb)
+        channels = {g.name: g.channels for g in ctx.groups}
+        with MaskedEvaluator(ctx.model, ctx.groups, max_rows=settings.max_rows) as ev:
+            def measure(alive: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return _costs(ctx, ev, data, alive, calibration, settings)
+
+            if settings.greedy is None:
+                return measure({name: torch.ones(c, dtype=torch.bool) for name, c in channels.items()})
+            scores, extras = greedy_scores(channels, measure, settings.greedy)
+        for name, values in extras.items():
+            ctx.extras.setdefault(name, {}).update(values)
         return scores
 
-    @staticmethod
-    @torch.no_grad()
-    def _collect(ctx: ImportanceContext, data, cal_rows: torch.Tensor, store: dict[str, _Store],
-                 max_rows: int) -> Iterator[None]:
-        """Fill ``store`` batch by batch; yields once per channel evaluated (for the progress bar)."""
-        with MaskedEvaluator(ctx.model, ctx.groups, max_rows=max_rows) as ev:
-            for batch in data.batches(ctx.batch_size, device=ctx.device):
-                clean = ev.prepare(batch.x).float()[None]  # mask 0: no channel off
-                is_cal = torch.isin(batch.index, cal_rows).to(batch.x.device)
-                labels = batch.y.to(batch.x.device)
-                for group in ctx.groups:
-                    masks = 1 - torch.eye(group.channels)  # mask f + 1: channel f off
-                    logits = torch.cat([clean, ev.evaluate(group.name, masks).float()])  # [C + 1, B, K]
-                    store[group.name].add(logits, labels, batch.index, is_cal)
-                    yield from (None for _ in range(group.channels))
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    alpha: float
+    measure: str
+    temperature: float
+    fraction: float
+    resplits: int
+    max_rows: int
+    max_gb: float
+    greedy: Greedy | None  # None: one-shot
 
 
-@dataclasses.dataclass
-class _Store:
-    """Per-group record of what the efficiency needs, batch by batch."""
+def _settings(opts: dict) -> _Settings:
+    """Validated options (UsageError naming the option otherwise)."""
+    measure, schedule, scope = str(opts["measure"]), str(opts["schedule"]), str(opts["scope"])
+    if measure not in MEASURES:
+        raise UsageError(f"--opt measure={measure}: use one of {', '.join(MEASURES)}")
+    if schedule not in ("greedy", "one-shot"):
+        raise UsageError(f"--opt schedule={schedule}: use greedy or one-shot")
+    if scope not in ("auto", "local", "global"):
+        raise UsageError(f"--opt scope={scope}: use auto, local or global")
+    fraction, remove = float(opts["cal-fraction"]), float(opts["remove"])
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"--opt cal-fraction={fraction} must lie in (0, 1)")
+    if not 0.0 <= remove < 1.0:
+        raise UsageError(f"--opt remove={remove} must lie in [0, 1)")
+    for key in ("resplits", "chunk", "max-rounds"):
+        if int(opts[key]) < 1:
+            raise UsageError(f"--opt {key}={opts[key]} must be at least 1")
+    if float(opts["temperature"]) <= 0:
+        raise UsageError(f"--opt temperature={opts['temperature']} must be positive")
+    greedy = None if schedule == "one-shot" else Greedy(
+        scope="global" if scope == "global" else "local", remove=remove, chunk=int(opts["chunk"]),
+        max_rounds=int(opts["max-rounds"]))
+    return _Settings(float(opts["alpha"]), measure, float(opts["temperature"]), fraction, int(opts["resplits"]),
+                     int(opts["max-rows"]), float(opts["max-memory-gb"]), greedy)
 
-    cal: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [M, b] true-label LAC scores
-    cal_index: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    evals: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [M, b, K] float32 logits
-    eval_labels: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    eval_index: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, is_cal: torch.Tensor) -> None:
-        copies, batch, classes = logits.shape
-        if bool(is_cal.any()):
-            cal_logits = logits[:, is_cal].reshape(-1, classes)
-            cal_labels = labels[is_cal].repeat(copies)
-            self.cal.append(LAC().label_scores(cal_logits, cal_labels).reshape(copies, -1).cpu())
-            self.cal_index.append(index[is_cal.cpu()])
-        if bool((~is_cal).any()):
-            self.evals.append(logits[:, ~is_cal].cpu())
-            self.eval_labels.append(labels[~is_cal].cpu())
-            self.eval_index.append(index[(~is_cal).cpu()])
+@torch.no_grad()
+def _costs(ctx: ImportanceContext, ev: MaskedEvaluator, data, alive: dict[str, torch.Tensor],
+           calibration: torch.Tensor, settings: _Settings) -> dict[str, torch.Tensor]:
+    """E(removed so far, f off) − E(removed so far) for every alive channel f (0 for the others).
 
-    def gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cal [M, n], eval logits [M, m, K], eval labels [m])`` over all batches and ranks."""
-        cal = dist.gather_rows(torch.cat(self.cal, dim=1).T.contiguous(), torch.cat(self.cal_index)).T
-        evals = dist.gather_rows(torch.cat(self.evals, dim=1).transpose(0, 1).contiguous(),
-                                 torch.cat(self.eval_index)).transpose(0, 1)
-        labels = dist.gather_rows(torch.cat(self.eval_labels), torch.cat(self.eval_index))
-        return cal, evals, labels
+    One pass over the data: per batch the model runs once, then every group's masks (its removed
+    channels and one more off) on the masked evaluator. With the global greedy schedule the removed
+    channels of *every* group are silenced in all passes (the evaluator's base masks); otherwise each
+    group sees only its own removals, and its first mask (its removals alone) is the reference. The
+    efficiency is averaged over the re-splits of ``calibration``.
+    """
+    joint = settings.greedy is not None and settings.greedy.scope == "global"
+    ev.set_base({g: a.float() for g, a in alive.items() if joint and not bool(a.all())})
+    masks = {}
+    for group in ctx.groups:
+        live = alive[group.name].nonzero().squeeze(1)
+        rows = alive[group.name].float().repeat(len(live) + 1, 1)
+        rows[torch.arange(1, len(live) + 1), live] = 0.0
+        masks[group.name] = (live, rows if not joint else rows[1:])
+    store: dict[str, list[torch.Tensor]] = {g.name: [] for g in ctx.groups}
+    base, labels, index = [], [], []
+    work = sum(len(live) for live, _ in masks.values())
+    batches = -(-len(data) // ctx.batch_size)
+    for batch in ctx.reporter.track(data.batches(ctx.batch_size, device=ctx.device), total=batches,
+                                    description=f"cp-bruteforce: {work} channels × {batches} batch(es)"):
+        base.append(ev.prepare(batch.x).float().cpu())
+        labels.append(batch.y.cpu())
+        index.append(batch.index.cpu())
+        for group in ctx.groups:
+            if len(masks[group.name][0]):
+                store[group.name].append(ev.evaluate(group.name, masks[group.name][1]).float().cpu())
+    index = torch.cat(index)
+    gathered = lambda t, dim: dist.gather_rows(t.movedim(dim, 0).contiguous(), index).movedim(0, dim)  # noqa: E731
+    labels = gathered(torch.cat(labels), 0)
+    efficiency = lambda logits: resplit_efficiency(logits, labels, calibration, alpha=settings.alpha,  # noqa: E731
+                                                   measure=settings.measure, temperature=settings.temperature)
+    reference = efficiency(gathered(torch.cat(base), 0)[None])[0] if joint else None
+    out = {}
+    for group in ctx.groups:
+        live = masks[group.name][0]
+        costs = torch.zeros(group.channels, dtype=torch.float64)
+        if len(live):
+            values = efficiency(gathered(torch.cat(store[group.name], dim=1), 1))
+            costs[live] = values - reference if joint else values[1:] - values[0]
+        out[group.name] = costs
+    return out
 
 
 def _check_size(ctx: ImportanceContext, n_cal: int, alpha: float, max_gb: float) -> None:
@@ -199,11 +188,11 @@ def _check_size(ctx: ImportanceContext, n_cal: int, alpha: float, max_gb: float)
         )
     with torch.no_grad():
         classes = int(ctx.model(ctx.dataset().first_batch(1).x.to(ctx.device)).shape[-1])
-    masks = sum(g.channels + 1 for g in ctx.groups)
-    per_example = masks * 4 * classes  # float32 logits of an evaluation point, every mask
-    need = per_example * (total - n_cal) + masks * 8 * n_cal
+    masks = sum(g.channels for g in ctx.groups) + 1
+    per_example = masks * 4 * classes  # float32 logits of a point, every mask of one round
+    need = per_example * total
     if need > max_gb * 2**30:
-        fits = math.floor(max_gb * 2**30 / (per_example + masks * 8))
+        fits = math.floor(max_gb * 2**30 / per_example)
         raise UsageError(
             f"cp-bruteforce would keep {need / 2**30:.1f} GiB of logits ({masks} masks × {total} examples × "
             f"{classes} classes); pass --max-samples {max(fits, 2 * min_calibration_size(alpha))} or raise "

@@ -207,6 +207,7 @@ def prepare(
     else:
         info = registry.info(method)
         method_params = {**{k: d for k, (d, _) in info.options.items()}, **(options or {})}
+        method_params = registry.bind_scope(method, method_params, policy.scope)
         group_scores, extras = compute_importance(session, graph, method=method, options=method_params,
                                              batch_size=batch_size, seed=seed, max_samples=max_samples,
                                              reporter=reporter)
@@ -214,6 +215,8 @@ def prepare(
         warnings += scoring_data_warnings(session, method, info.needs_data, max_samples)
         if info.needs_data and session.data is not None:
             used.append(seen_as(session.data, "score"))
+    if registry.comparable_across_groups(method_name, method_params):
+        policy = replace(policy, normalise="none")  # e.g. cp-bruteforce's global greedy rounds: one scale already
     return PruneSetup(session, graph, group_scores, policy, method_name, method_params, used,
                       warnings=warnings + degenerate_warnings(group_scores), params_before=params_before,
                       flops_before=flops_before, extras=extras, strict=strict)

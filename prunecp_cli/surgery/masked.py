@@ -80,6 +80,7 @@ class MaskedEvaluator:
         self._values: dict[fx.Node, Any] = {}
         self._columns: dict[fx.Node, torch.Tensor | None] = {}
         self._x: torch.Tensor | None = None
+        self.base: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> MaskedEvaluator:
         self.gates.__enter__()
@@ -96,10 +97,20 @@ class MaskedEvaluator:
         """Whether the model was traced (prefix reuse available)."""
         return self._graph is not None
 
+    def set_base(self, masks: dict[str, torch.Tensor]) -> None:
+        """Channels silenced in every pass from the next :meth:`prepare` on (``{group: [C] 0/1 mask}``).
+
+        The "clean" model becomes the model with these channels off (a greedy schedule's removals so
+        far); :meth:`evaluate` masks of a group with a base mask must keep that mask's zeros.
+        """
+        self.base = dict(masks)
+
     @torch.no_grad()
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the clean model on ``x``, keep the values the masked passes read, return the clean logits."""
+        """Run the clean model (with the base masks) on ``x``, keep the values the masked passes read, return its logits."""
         self.gates.clear()
+        for name, mask in self.base.items():
+            self.gates.set(name, mask.to(x.device, torch.float32))
         self._x = x
         self._columns = {}
         if self._graph is None:
@@ -143,7 +154,8 @@ class MaskedEvaluator:
             binary = bool(((masks == 0) | (masks == 1)).all())
             return self._run_plan(plan, masks, shortcut=plan.shortcut and binary)
         finally:
-            self.gates.set(group, None)
+            base = self.base.get(group)
+            self.gates.set(group, None if base is None else base.to(self._x.device, torch.float32))
 
     def _run_plan(self, plan: GroupPlan, masks: torch.Tensor, *, shortcut: bool) -> torch.Tensor:
         """The suffix pass of ``plan`` for ``masks``; with ``shortcut``, steps 2-3 of the module docstring."""

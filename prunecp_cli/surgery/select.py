@@ -31,6 +31,7 @@ from prunecp_cli.errors import PlanError, UsageError
 from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ChannelGroup
 
 Removal = dict[str, list[int]]
+NORMALISATIONS = ("standard", "rank", "mean-abs", "none")
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,21 @@ class Policy:
         max_layer_ratio: the largest fraction of a group's channels that may be removed.
         round_to: remaining channel counts are multiples of this.
         protect: fraction of each group's most important channels never removed.
+        normalise: how global selection puts each group's scores on one scale (:func:`normalised`).
     """
 
     scope: str = "local"
     max_layer_ratio: float = 0.9
     round_to: int = 1
     protect: float = 0.0
+    normalise: str = "mean-abs"
 
     def __post_init__(self) -> None:
         if self.scope not in ("local", "global"):
             raise UsageError(f"{{arg}} {self.scope!r}: use local or global", arguments={"arg": "scope"})
+        if self.normalise not in NORMALISATIONS:
+            raise UsageError(f"{{arg}} {self.normalise!r}: use one of {', '.join(NORMALISATIONS)}",
+                             arguments={"arg": "normalise"})
         if not 0.0 < self.max_layer_ratio < 1.0:
             raise UsageError(f"{{arg}} {self.max_layer_ratio} must lie in (0, 1)", arguments={"arg": "max_layer_ratio"})
         if self.round_to < 1:
@@ -139,20 +145,40 @@ def select_local_ratio(groups: list[ChannelGroup], scores: dict[str, torch.Tenso
     return removal
 
 
-def normalised(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each group's importances divided by the group mean (all-zero groups stay zero)."""
+def normalised(scores: dict[str, torch.Tensor], how: str = "mean-abs") -> dict[str, torch.Tensor]:
+    """Each group's importances on a scale shared by all groups, for global selection.
+
+    ``how``:
+
+    * ``standard``: (s − group mean) / group standard deviation (constant groups become 0). Correct
+      for signed scores and unchanged by a group-wise scale or offset.
+    * ``rank``: the within-group rank, (position + ½) / C: every group spreads over (0, 1) alike.
+    * ``mean-abs``: s / group mean of |s| (the former rule: a group of signed scores with a mean
+      near zero gets huge values, and noise can cut a layer deeply).
+    * ``none``: as they are (scores already on one scale, e.g. cp-bruteforce's global greedy rounds).
+    """
     out = {}
     for name, value in scores.items():
         value = value.double()
-        mean = value.abs().mean()
-        out[name] = value / mean if mean > 0 else torch.zeros_like(value)
+        if how == "none":
+            out[name] = value
+        elif how == "rank":
+            rank = torch.empty_like(value)
+            rank[_order(value)] = torch.arange(len(value), dtype=torch.float64)
+            out[name] = (rank + 0.5) / len(value)
+        elif how == "mean-abs":
+            mean = value.abs().mean()
+            out[name] = value / mean if mean > 0 else torch.zeros_like(value)
+        else:
+            spread = value.std(unbiased=False) if len(value) > 1 else value.new_zeros(())
+            out[name] = (value - value.mean()) / spread if spread > 0 else torch.zeros_like(value)
     return out
 
 
 def global_order(groups: list[ChannelGroup], scores: dict[str, torch.Tensor],
                  policy: Policy) -> list[tuple[str, int]]:
     """All removable (group, channel) pairs, least important first, respecting the per-group caps."""
-    norm = normalised({g.name: scores[g.name] for g in groups})
+    norm = normalised({g.name: scores[g.name] for g in groups}, policy.normalise)
     candidates = []
     for position, group in enumerate(groups):
         order = _order(norm[group.name])[: _policy_of(policy, group).max_removable(group.channels)]

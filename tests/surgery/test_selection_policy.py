@@ -55,10 +55,43 @@ def test_global_ratio_ranks_normalised_scores_across_groups():
     removal = select(graph.groups, scores, policy=Policy(scope="global", protect=0.0), ratio=0.4)
     total = sum(g.channels for g in graph.groups)
     assert sum(len(v) for v in removal.values()) == math.floor(0.4 * total)
-    norm = normalised(scores)
+    norm = normalised(scores, Policy().normalise)
     removed = [float(norm[n][i]) for n, idxs in removal.items() for i in idxs]
     kept = [float(norm[g.name][i]) for g in graph.groups for i in range(g.channels) if i not in removal[g.name]]
     assert max(removed) <= min(kept)
+
+
+def test_global_normalisation_is_correct_for_signed_scores():
+    """Signed scores centred near zero (e.g. a noisy efficiency change) must not make a layer lose far more than others.
+
+    Dividing by the group's mean |score| leaves them spread over about ±1.3 while a positive group sits
+    near 1, so global selection cut the signed groups to their cap; standardised or ranked, every group
+    loses a similar share.
+    """
+    _, graph = _graph(vgg_small)
+    generator = torch.Generator().manual_seed(0)
+    signed = {g.name for g in graph.groups[::2]}
+    scores = {g.name: torch.randn(g.channels, generator=generator, dtype=torch.float64) + (0.02 if g.name in signed
+                                                                                           else 5.0)
+              for g in graph.groups}
+    share = {}
+    for how in ("mean-abs", "standard", "rank"):
+        removal = select(graph.groups, scores, policy=Policy(scope="global", protect=0.0, normalise=how), ratio=0.3)
+        share[how] = {g.name: len(removal[g.name]) / g.channels for g in graph.groups}
+    assert min(share["mean-abs"][n] for n in signed) >= 0.45  # the old rule's failure, reproduced
+    for how in ("standard", "rank"):
+        assert all(0.15 <= v <= 0.45 for v in share[how].values()), (how, share[how])
+
+
+def test_unnormalised_global_selection_follows_the_scores_as_they_are():
+    _, graph = _graph(vgg_small)
+    scores = _random_scores(graph)
+    removal = select(graph.groups, scores, policy=Policy(scope="global", protect=0.0, normalise="none"), ratio=0.4)
+    removed = [float(scores[n][i]) for n, idxs in removal.items() for i in idxs]
+    kept = [float(scores[g.name][i]) for g in graph.groups for i in range(g.channels) if i not in removal[g.name]]
+    assert max(removed) <= min(kept)
+    with pytest.raises(UsageError, match="normalise"):
+        Policy(normalise="max")
 
 
 def test_global_never_removes_a_whole_layer():
