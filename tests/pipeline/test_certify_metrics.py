@@ -181,3 +181,18 @@ def test_new_scores_calibrate_and_certify(cli, tmp_path, trained_digits, digits_
     assert written["nonconformity"]["name"] == options[1] and written["schema_version"] == 2
     verdict = cli("certify", model, "--cert", cert, "--data", digits_files["test"], "--json")
     assert verdict.code == 0 and json.loads(verdict.stdout)["passed"]
+
+
+def test_report_rows_show_the_calibration_conditional_metrics():
+    from pathlib import Path
+
+    from prunecp_cli.present import certificate_rows
+
+    golden = Path(__file__).parents[1] / "golden"
+    v2 = dict(certificate_rows(json.loads((golden / "certificate_v2.json").read_text())))
+    assert v2["calibration class coverage gap"].startswith("0.0480") and "worst class 8" in v2[
+        "calibration class coverage gap"]
+    assert v2["calibration size-stratified coverage"].startswith("SSCV 0.0037")
+    assert v2["calibration singleton / empty sets"] == "0.9037 / 0.0963"
+    v1 = dict(certificate_rows(json.loads((golden / "certificate_v1.json").read_text())))
+    assert "calibration class coverage gap" not in v1 and v1["calibration n"].startswith("270")
