@@ -10,7 +10,8 @@ import pytest
 
 from prunecp_cli import __version__
 
-HEAVY = ("torch", "torchvision", "numpy", "fvcore", "safetensors", "torch_pruning", "scipy")
+HEAVY = ("torch", "torchvision", "numpy", "fvcore", "safetensors", "torch_pruning", "scipy", "onnx", "onnxruntime",
+         "onnxscript", "matplotlib")
 
 PROBE = """
 import sys
@@ -27,7 +28,8 @@ sys.exit(code)
 
 @pytest.mark.parametrize("args", [["--help"], ["score", "--help"], ["prune", "--help"], ["report", "--help"],
                                   ["demo", "--help"], ["calibrate", "--help"], ["certify", "--help"],
-                                  ["predict", "--help"], ["--version"]])
+                                  ["predict", "--help"], ["export", "--help"], ["compress", "--help"],
+                                  ["--version"]])
 def test_help_imports_no_heavy_module(args):
     out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,
                          timeout=60)
