@@ -168,6 +168,8 @@ def verdict_from_logits(
         raise DataError(f"logits of shape {list(logits.shape)} do not fit a certificate for "
                         f"{certificate['model']['num_classes']} classes; use the certified model")
     labels = check_labels(labels, logits)
+    if groups is not None and len(groups) != logits.shape[0]:
+        raise DataError(f"{len(groups)} group labels for {logits.shape[0]} test points; give one group label per point")
     score = from_parameters(certificate["nonconformity"]["name"], certificate["nonconformity"]["parameters"])
     if generator is None and score.randomized:
         generator = score.make_generator(stream=CERTIFY_STREAM)

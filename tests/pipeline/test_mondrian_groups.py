@@ -112,6 +112,8 @@ def test_certify_tests_every_group(pool):
     assert verdict["passed"] and verdict["groups"]["per_group"][0]["group"] == "bright"
     with pytest.raises(DataError, match="pass the test examples' group labels"):
         verdict_from_logits(logits[test], labels[test], certificate=cert)
+    with pytest.raises(DataError, match="one group label per point"):
+        verdict_from_logits(logits[test], labels[test], certificate=cert, groups=test_groups[:-1])
     with pytest.raises(DataError, match="no threshold for"):
         verdict_from_logits(logits[test], labels[test], certificate=cert, groups=["new"] * len(test))
 
