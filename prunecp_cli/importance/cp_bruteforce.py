@@ -80,8 +80,8 @@ class CPBruteForceImportance(Importance):
         _check_size(ctx, int(calibration[0].sum()), settings.alpha, settings.max_gb)
         channels = {g.name: g.channels for g in ctx.groups}
         with MaskedEvaluator(ctx.model, ctx.groups, max_rows=settings.max_rows) as ev:
-            def measure(alive: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return _costs(ctx, ev, data, alive, calibration, settings)
+            def measure(alive: dict[str, torch.Tensor], active: set[str] | None = None) -> dict[str, torch.Tensor]:
+                return _costs(ctx, ev, data, alive, calibration, settings, active)
 
             if settings.greedy is None:
                 return measure({name: torch.ones(c, dtype=torch.bool) for name, c in channels.items()})
@@ -131,8 +131,10 @@ def _settings(opts: dict) -> _Settings:
 
 @torch.no_grad()
 def _costs(ctx: ImportanceContext, ev: MaskedEvaluator, data, alive: dict[str, torch.Tensor],
-           calibration: torch.Tensor, settings: _Settings) -> dict[str, torch.Tensor]:
-    """E(removed so far, f off) − E(removed so far) for every alive channel f (0 for the others).
+           calibration: torch.Tensor, settings: _Settings, active: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """E(removed so far, f off) − E(removed so far) for every alive channel f of the ``active`` groups (all: None).
+
+    The other channels, and every channel of an inactive group, get 0.
 
     One pass over the data: per batch the model runs once, then every group's masks (its removed
     channels and one more off) on the masked evaluator. With the global greedy schedule the removed
@@ -145,6 +147,8 @@ def _costs(ctx: ImportanceContext, ev: MaskedEvaluator, data, alive: dict[str, t
     masks = {}
     for group in ctx.groups:
         live = alive[group.name].nonzero().squeeze(1)
+        if active is not None and group.name not in active:
+            live = live[:0]
         rows = alive[group.name].float().repeat(len(live) + 1, 1)
         rows[torch.arange(1, len(live) + 1), live] = 0.0
         masks[group.name] = (live, rows if not joint else rows[1:])

@@ -48,13 +48,14 @@ def _positions(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.Tensor]], Costs],
+def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.Tensor], set[str]], Costs],
                   settings: Greedy) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[float]]]]:
     """Scores whose ascending order is the greedy removal order, and per-group extras.
 
     Args:
         channels: channels per group.
-        measure: costs of every alive channel given the alive masks (``{group: [C] bool}``).
+        measure: costs of every alive channel of the given groups, given the alive masks
+            (``{group: [C] bool}``) and the groups to measure (local scope skips finished groups).
         settings: scope, share to remove, chunk and round cap.
 
     Returns:
@@ -80,15 +81,19 @@ def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.T
             pending = any(int((~alive[g]).sum()) < target_of[g] for g in channels)
         if not pending and last is not None:
             break
-        last = measure({g: a.clone() for g, a in alive.items()})
-        for g in channels:
+        if settings.scope == "global" or last is None:
+            active = set(channels)
+        else:  # a group that reached its target keeps the costs of its last round
+            active = {g for g in channels if int((~alive[g]).sum()) < target_of[g]}
+        last = measure({g: a.clone() for g, a in alive.items()}, active)
+        for g in active:
             cost[g][alive[g]] = last[g][alive[g]].double()
         if not pending:
             break
         if settings.scope == "global":
-            picks = _global_pick(alive, last, cap, min(chunk, target - done))
+            picks = _global_pick(alive, cost, cap, min(chunk, target - done))
         else:
-            picks = [[(g, f) for f in _local_pick(alive[g], last[g], min(chunk_of[g], target_of[g] - int((~alive[g]).sum())))]
+            picks = [[(g, f) for f in _local_pick(alive[g], cost[g], min(chunk_of[g], target_of[g] - int((~alive[g]).sum())))]
                      for g in channels]
         for pick in picks:
             for position, (g, f) in enumerate(pick):

@@ -184,7 +184,7 @@ def test_greedy_scores_rank_in_greedy_removal_order_and_see_redundancy():
     """Channels 0 and 1 duplicate each other: each can go alone, not both. One-shot would drop both."""
     from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
 
-    def measure(alive):
+    def measure(alive, active):
         a = alive["g"]
         redundant = 0.0 if a[0] or a[1] else 1.0  # the pair's information survives while one of them does
         costs = torch.tensor([1.0 - float(a[1]), 1.0 - float(a[0]), 0.5, 0.6]) * (1 - redundant)
@@ -198,11 +198,26 @@ def test_greedy_scores_rank_in_greedy_removal_order_and_see_redundancy():
     assert len(calls) == 2 and calls[1].tolist() == [False, True, True, True]  # round 2 sees channel 0 silenced
 
 
+def test_local_greedy_stops_measuring_a_group_that_reached_its_target():
+    from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
+
+    seen = []
+
+    def measure(alive, active):
+        seen.append(sorted(active))
+        return {g: torch.arange(len(a), dtype=torch.float64) for g, a in alive.items()}
+
+    scores, extras = greedy_scores({"a": 4, "b": 16}, measure, Greedy(scope="local", remove=0.5, chunk=2))
+    assert seen == [["a", "b"], ["b"], ["b"], ["b"]]  # a: 2 channels in 1 round; b: 8 in 4 rounds
+    assert extras["a"]["round"] == [0.0, 0.0, -1.0, -1.0]
+    assert torch.sort(scores["b"]).indices.tolist() == list(range(16))  # cheapest (lowest index) first
+
+
 def test_global_greedy_uses_one_scale_and_keeps_a_channel_per_group():
     from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
 
     costs = {"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 5.0, 0.05, 0.4])}
-    scores, _ = greedy_scores({"a": 2, "b": 4}, lambda alive: costs, Greedy(scope="global", remove=0.5, chunk=2))
+    scores, _ = greedy_scores({"a": 2, "b": 4}, lambda alive, active: costs, Greedy(scope="global", remove=0.5, chunk=2))
     flat = sorted((float(v), g, i) for g, s in scores.items() for i, v in enumerate(s))
     # 3 of 6 go. Round 0: b2 (0.05), a0 (0.1); round 1: a1 (0.2) would empty group a, so b0 (0.3);
     # then the survivors by cost (a1 first: selection's caps keep it)
