@@ -19,7 +19,8 @@ def demo(
     *,
     o: c.Shared,
 ) -> None:
-    """Train a small CNN on scikit-learn's digits, then score, prune and report it (under a minute on CPU)."""
+    """Train a small CNN on scikit-learn's digits, then score (--method auto), prune with distillation, calibrate,
+    certify and report it (under a minute on CPU)."""
     from prunecp_cli import api, present
 
     api.run_demo(workdir, seed=o.seed, target_flops=target_flops, reporter=c.reporter(o.quiet),

@@ -45,3 +45,6 @@ def score(
     if api.is_main_process():
         channels = sum(g.channels for g in table.groups)
         run.rep.info(f"wrote {out}: {len(table.groups)} groups, {channels} channels, method {method}")
+        if method == "auto":
+            run.rep.info(f"candidates {table.params['candidates']}: prune --scores {out} with the same --data "
+                         "prunes with each and keeps the smallest conformal sets")
