@@ -27,7 +27,12 @@ def test_quality_benchmark_quick_run(tmp_path):
     rows = [r for r in report["rows"] if "error" not in r]
     assert rows and len(rows) == len(report["rows"]), [r for r in report["rows"] if "error" in r]
     assert report["finetune"] and all("error" not in r for r in report["finetune"]), report["finetune"]
-    assert {r["method"] for r in rows} >= {"l1", "taylor", "cp-taylor", "cp-bruteforce"}
+    assert {r["method"] for r in rows} >= {"l1", "taylor", "cp-taylor", "cp-bruteforce", "auto"}
+    # Torch-Pruning's own pruner at the same FLOPs, evaluated like the other rows; auto's choice is recorded.
+    assert report["baselines"] and all("error" not in r and abs(r["flops_kept"] - 0.5) < 0.05
+                                       for r in report["baselines"]), report["baselines"]
+    assert all(r["auto"]["chosen"] in ("l1", "taylor", "cp-taylor") for r in rows if r["method"] == "auto")
+    assert {r["loss"] for r in report["finetune"]} >= {"ce", "kd", "conftr"}
     for row in rows:
         assert abs(row["flops_kept"] - 0.5) < 0.05, row
         assert 0.8 <= row["coverage"] <= 1.0 and row["mean_set_size"] >= 0.5, row
@@ -42,4 +47,5 @@ def test_quality_benchmark_quick_run(tmp_path):
     # The smoke model is cached under WORK/quick, never where the full run caches its models.
     assert (work / "quick" / "models" / "vgg_small.safetensors").is_file() and not (work / "models").exists()
     table = (out / "quality.md").read_text(encoding="utf-8")
+    assert "| cp-bruteforce |" in table and "| auto → " in table and "prunecp against Torch-Pruning" in table
     assert "| cp-bruteforce |" in table and f"coverage (mean of {draws:,} splits)" in table and "mean set size" in table

@@ -22,14 +22,24 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    means; the fixed 750/750 split is an unlucky one (the dense models cover 0.871–0.885 on it,
    against 0.900 over re-splits), and its figures and certify's pass/fail stay in quality.json.
 
+5. **Torch-Pruning baselines** (:mod:`baselines`): Torch-Pruning's own ``BasePruner`` (local) with its
+   ``MagnitudeImportance(p=1)`` (``tp-l1``) and ``TaylorImportance`` (``tp-taylor``), ratio bisected to the
+   same FLOPs, BatchNorm re-estimated on the score split as prune does, evaluated like the other rows
+   (in memory: accuracy and the re-split figures). The "prunecp against Torch-Pruning" table puts them beside
+   prunecp's ``l1``, ``taylor``, ``cp-taylor``, ``cp-bruteforce`` and ``auto`` (which the registry loop runs like
+   any method: ``score --method auto`` once, then ``prune --scores`` re-runs its choice at every budget and the
+   chosen candidate is shown as ``auto → <method>``).
+
 ``--random-seeds 1 2`` also runs the ``random`` baseline with those seeds, to show how far one-shot
 results move with nothing but the choice of channels (off by default: 18 more rows, an estimated 2
 minutes).
 
 Then the **fine-tuning** rows, at 0.3 of the dense FLOPs with ``taylor`` (chosen in advance; local
 scope, whose one-shot row is run for this table when ``--scopes`` lacks ``local``): one-shot pruning
-followed by 2 epochs of fine-tuning on the **train** split (never the calibration split) with
-cross-entropy (``loss="ce"``) or conformal training (``loss="conftr"``, Stutz et al. 2022), and, for
+followed by 1 or 2 epochs of fine-tuning on the **train** split (never the calibration split) with
+cross-entropy (``loss="ce"``) or distillation from the dense model (``loss="kd"``, T = 4, labels unused), 2
+epochs of conformal training (``loss="conftr"``, Stutz et al. 2022), 1 epoch of ``ce`` and of ``kd`` after
+``auto``'s one-shot pruning (global scope, from its importance.json), and, for
 the ResNet-style model, iterative pruning in 3 equal steps (re-scored each step) with 2 epochs of
 cross-entropy fine-tuning after every step, against one-shot pruning with 2 epochs (the same
 fine-tuning per pruning step) and with 6 epochs (the same total).
@@ -68,7 +78,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (after the sys.path insertion)
+import baselines  # noqa: E402  (after the sys.path insertion)
+import common  # noqa: E402
 from common import log  # noqa: E402
 
 BUDGETS = (0.75, 0.5, 0.3)
@@ -79,6 +90,9 @@ FT_BUDGET = 0.3
 FT_METHOD = "taylor"
 FT_SCOPE = "local"
 FT_EPOCHS = 2
+FT_LOSSES = ("ce", "kd", "conftr")  # ce and kd with 1 and FT_EPOCHS epochs, conftr with FT_EPOCHS
+AUTO_FT_SCOPE = "global"  # the auto rows of the fine-tuning table: auto's one-shot pruning in this scope, 1 epoch
+TP_QUICK = ("tp-l1",)  # --quick: the Torch-Pruning baseline it runs
 ITER_STEPS = 3
 ITER_MODEL = "resnet_small"
 # Settings of the expensive methods: registry options and the number of score examples they use. shapley
@@ -92,7 +106,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 RESPLIT_DRAWS = 1000  # random calib/test re-splits per row (LAC coverage and set size: mean and sd)
 RESPLIT_SEED = 1
 RANDOM_EXTRA_SEEDS: tuple[int, ...] = ()  # default of --random-seeds: extra seeds of the random baseline
-QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce")
+QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto")
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 64}}
 QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke model (500 images), cached under WORK/quick
 QUICK_SPLIT_SIZES = {"train": 500, "score": 300, "calib": 300, "test": 300}  # --quick: random parts of each split
@@ -238,6 +252,8 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
         row["prune_seconds"] = time.perf_counter() - start
         row["warnings"] = list(result.warnings)
         row["channels"] = {k: list(v) for k, v in result.channels.items()}
+        if "auto" in result.extra:
+            row["auto"] = result.extra["auto"]
         start = time.perf_counter()
         row.update(evaluate(out, splits, folder / f"{tag}.cert.json", draws=draws))
         row["evaluate_seconds"] = time.perf_counter() - start
@@ -249,24 +265,71 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
     return row
 
 
-def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: str, budget: float, loss: str,
-                 epochs: int, steps: int, dense_flops: int, label: str, draws: int) -> dict[str, Any]:
-    """Prune with ``FT_METHOD`` to ``budget`` in ``steps`` steps with fine-tuning on the train split."""
+def evaluate_in_memory(model: Any, splits: dict[str, Path], *, draws: int) -> dict[str, Any]:
+    """Test accuracy, the re-split LAC figures, parameters and FLOPs of a model that is not a prunecp file."""
+    import torch
+
+    from prunecp_cli.measure import count_flops, count_params
+
+    x, y = common.load_split(splits["test"])
+    model.eval()
+    with torch.inference_mode():
+        accuracy = float(torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1).eq(y).float().mean())
+    resplit = resplit_lac(model, splits, draws=draws)
+    return {"accuracy": accuracy, "resplit": resplit, "params": count_params(model),
+            "coverage": resplit["fixed_split_coverage"], "mean_set_size": resplit["fixed_split_set_size"],
+            "flops": count_flops(model, torch.zeros(1, *common.INPUT_SHAPE))}
+
+
+def tp_row(dense: Path, splits: dict[str, Path], *, model: str, method: str, budget: float, dense_flops: int,
+           draws: int) -> dict[str, Any]:
+    """Torch-Pruning's own importance and pruner (:mod:`baselines`) at ``budget``, evaluated like the other rows."""
+    import torch
+
     from prunecp_cli import api
 
+    row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": "local (Torch-Pruning)"}
+    try:
+        start = time.perf_counter()
+        pruned, record = baselines.tp_prune(api.load_model(dense), method, budget, common.load_split(splits["score"]),
+                                            torch.zeros(1, *common.INPUT_SHAPE))
+        row["prune_seconds"] = time.perf_counter() - start
+        row.update(record)
+        row.update(evaluate_in_memory(pruned, splits, draws=draws))
+        row["flops_kept"] = row["flops"] / dense_flops
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  FAILED {model} {method} {budget}: {row['error']}")
+        traceback.print_exc(file=sys.stderr)
+    return row
+
+
+def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: str, budget: float, loss: str,
+                 epochs: int, steps: int, dense_flops: int, label: str, draws: int,
+                 ranking: tuple[str, str, Path | None] = (FT_METHOD, FT_SCOPE, None)) -> dict[str, Any]:
+    """Prune to ``budget`` in ``steps`` steps with fine-tuning on the train split.
+
+    ``ranking`` is ``(method, scope, scores)``: by default ``FT_METHOD`` in ``FT_SCOPE``, scored now (and between
+    steps); with a scores file (``auto``'s importance.json), one-shot from it.
+    """
+    from prunecp_cli import api
+
+    method, scope, scores = ranking
     config = api.FinetuneConfig(epochs=epochs, loss=loss, seed=0)
-    row: dict[str, Any] = {"model": model, "method": FT_METHOD, "budget": budget, "scope": FT_SCOPE,
+    row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": scope,
                            "schedule": label, "steps": steps, "loss": loss, "epochs_per_step": epochs,
                            "epochs_total": epochs * steps, "finetune": config.to_json(),
                            "finetune_data": splits["train"].name}
-    tag = f"{model}-ft-{label.replace(' ', '_')}-{loss}-{epochs}ep"
+    tag = f"{model}-ft-{method}-{label.replace(' ', '_')}-{loss}-{epochs}ep"
     out = folder / f"{tag}.safetensors"
     try:
         start = time.perf_counter()
-        result = api.prune(dense, out, method=FT_METHOD, data=splits["score"],
-                           pruning=api.PruneOptions(target_flops=budget, scope=FT_SCOPE), steps=steps,
+        result = api.prune(dense, out, method=None if scores else method, scores=scores, data=splits["score"],
+                           pruning=api.PruneOptions(target_flops=budget, scope=scope), steps=steps,
                            finetune=config, finetune_data=splits["train"], run=api.RunOptions(seed=0))
         row["seconds"] = time.perf_counter() - start
+        if "auto" in result.extra:
+            row["auto"] = result.extra["auto"]
         row["schedule_log"] = result.extra.get("schedule")
         row["warnings"] = list(result.warnings)
         start = time.perf_counter()
@@ -300,6 +363,46 @@ def fmt(value: Any, digits: int = 3) -> str:
 def _resplit(row: dict[str, Any], key: str) -> float | None:
     """``row["resplit"][key]`` (a re-split mean or sd), or None for a row without one."""
     return (row.get("resplit") or {}).get(key)
+
+
+def method_label(row: dict[str, Any]) -> str:
+    """A row's method, with ``auto``'s choice: ``auto → taylor``."""
+    return f"auto → {row['auto']['chosen']}" if row.get("auto") else row["method"]
+
+
+COMPARED = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto")
+"""prunecp's columns in the Torch-Pruning comparison."""
+
+
+def _set_size(rows: list[dict[str, Any]], model: str, method: str, budget: float, scope: str | None = None
+              ) -> float | None:
+    """The re-split mean set size of the seed-0 row of ``method`` (in ``scope`` when given), or None."""
+    got = [r for r in rows if r["model"] == model and r["method"] == method and r["budget"] == budget
+           and "error" not in r and r.get("seed", 0) == 0 and (scope is None or r["scope"] == scope)]
+    return _resplit(got[0], "set_size_mean") if got else None
+
+
+def tp_comparison(report: dict[str, Any], scope: str) -> list[str]:
+    """The issue-13 table: Torch-Pruning's rows beside prunecp's (``scope``), mean set size over re-splits."""
+    s = report["settings"]
+    tp_methods = list(dict.fromkeys(r["method"] for r in report["baselines"]))
+    lines = [f"## prunecp against Torch-Pruning ({scope} scope)", "",
+             "Mean LAC set size over the re-splits (smaller is better) at each budget; Torch-Pruning's `BasePruner` "
+             "(local, ratio bisected to the same FLOPs; BatchNorm re-estimated on the score split as prunecp does) "
+             "with its `MagnitudeImportance(p=1)` (tp-l1) and `TaylorImportance` (tp-taylor). The last column "
+             "compares `auto` with the best Torch-Pruning row.", ""]
+    header = ["model", "budget", *tp_methods, *[m for m in COMPARED if m in s["methods"]], "auto vs best TP"]
+    rows = []
+    for model in report["models"]:
+        for budget in s["budgets"]:
+            tp = [_set_size(report["baselines"], model, m, budget) for m in tp_methods]
+            ours = [_set_size(report["rows"], model, m, budget, scope) for m in COMPARED if m in s["methods"]]
+            best_tp = min((v for v in tp if v is not None), default=None)
+            auto = _set_size(report["rows"], model, "auto", budget, scope)
+            verdict = "–" if best_tp is None or auto is None else (
+                f"{auto / best_tp:.2f}× ({'at or below' if auto <= best_tp else 'above'})")
+            rows.append([model, budget, *[fmt(v) for v in tp], *[fmt(v) for v in ours], verdict])
+    return lines + [common.markdown_table(header, rows), ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -402,10 +505,21 @@ def markdown(report: dict[str, Any]) -> str:
                 if "error" in r:
                     rows.append([model, r["method"], r["budget"], "error", "", "", "", r["error"][:80], ""])
                     continue
-                rows.append([model, r["method"], r["budget"], fmt(r["flops_kept"]), r["params"], fmt(r["accuracy"]),
-                             fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")),
+                rows.append([model, method_label(r), r["budget"], fmt(r["flops_kept"]), r["params"],
+                             fmt(r["accuracy"]), fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")),
                              fmt(r["scoring_seconds"], 1)])
+            for r in report.get("baselines", []):
+                if r["model"] != model:
+                    continue
+                if "error" in r:
+                    rows.append([model, r["method"], r["budget"], "error", "", "", "", r["error"][:80], ""])
+                    continue
+                rows.append([model, f"{r['method']} (Torch-Pruning, local)", r["budget"], fmt(r["flops_kept"]),
+                             r["params"], fmt(r["accuracy"]), fmt(_resplit(r, "coverage_mean")),
+                             fmt(_resplit(r, "set_size_mean")), "–"])
         lines += [common.markdown_table(header, rows), ""]
+    if report.get("baselines"):
+        lines += tp_comparison(report, s["scopes"][-1])
     lines += ["## Smallest mean set size per model and budget", "",
               "The method(s) with the smallest mean set size (mean over re-splits) in the tables above (ties listed "
               "together; `random` is its seed-0 row). Every row's mean coverage is near k/(n+1) (see above), so the "
@@ -457,30 +571,35 @@ def markdown(report: dict[str, Any]) -> str:
                 f"Fine-tuned on the **train** split ({ft['data']}; SGD Nesterov momentum {cfg['momentum']}, lr "
                 f"{cfg['lr']} cosine, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, BatchNorm "
                 f"re-estimated after training); `conftr` = ConfTr loss (training α {cfg['conftr_alpha']}, T "
-                f"{cfg['conftr_temperature']}, λ {cfg['conftr_size_weight']}) + {cfg['ce_weight']} × cross-entropy. "
+                f"{cfg['conftr_temperature']}, λ {cfg['conftr_size_weight']}) + {cfg['ce_weight']} × cross-entropy; "
+                f"`kd` = distillation from the dense model, T² · KL at T = {cfg.get('kd_temperature', 4.0):g}, no "
+                "labels used. Rows ranked by `auto` are one-shot from its importance.json (its choice re-run at this "
+                "budget) in the scope named. "
                 f"'none' rows are the one-shot rows ({ft['scope']} scope"
                 + ("" if ft["scope"] in s["scopes"] else ", run for this table only") + "). Iterative = "
                 f"{ft['iterative_steps']} equal steps, re-scored with `{ft['method']}` on the current model before "
                 "each step, BatchNorm re-estimated and fine-tuned after each. Coverage and set size: means over "
                 "re-splits, as above.", ""]
-        header = ["model", "schedule", "loss", "epochs/step", "epochs total", "FLOPs kept", "accuracy", cov_col,
-                  size_col, "seconds"]
+        header = ["model", "ranking", "schedule", "loss", "epochs/step", "epochs total", "FLOPs kept", "accuracy",
+                  cov_col, size_col, "seconds"]
         rows = []
         for model in report["models"]:
             base = [r for r in report["rows"] if r["model"] == model and r["method"] == ft["method"]
                     and r["scope"] == ft["scope"] and r["budget"] == ft["budget"] and "error" not in r
                     and r.get("seed", 0) == 0]
             for r in base:
-                rows.append([model, "one-shot", "none", 0, 0, fmt(r["flops_kept"]), fmt(r["accuracy"]),
-                             fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")), "–"])
+                rows.append([model, f"{r['method']} ({r['scope']})", "one-shot", "none", 0, 0, fmt(r["flops_kept"]),
+                             fmt(r["accuracy"]), fmt(_resplit(r, "coverage_mean")), fmt(_resplit(r, "set_size_mean")),
+                             "–"])
             for r in report["finetune"]:
                 if r["model"] != model:
                     continue
+                ranking = f"{method_label(r)} ({r.get('scope', ft['scope'])})"
                 if "error" in r:
-                    rows.append([model, r["schedule"], r["loss"], r["epochs_per_step"], r["epochs_total"], "error",
-                                 "", "", r["error"][:80], ""])
+                    rows.append([model, ranking, r["schedule"], r["loss"], r["epochs_per_step"], r["epochs_total"],
+                                 "error", "", "", r["error"][:80], ""])
                     continue
-                rows.append([model, r["schedule"], r["loss"], r["epochs_per_step"], r["epochs_total"],
+                rows.append([model, ranking, r["schedule"], r["loss"], r["epochs_per_step"], r["epochs_total"],
                              fmt(r["flops_kept"]), fmt(r["accuracy"]), fmt(_resplit(r, "coverage_mean")),
                              fmt(_resplit(r, "set_size_mean")), fmt(r["seconds"], 0)])
         lines += [common.markdown_table(header, rows), ""]
@@ -562,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "iterative_steps": iter_steps},
                      "quick": args.quick},
         "run": common.run_record(sys.argv),
-        "models": {}, "scoring": [], "rows": [], "finetune": [],
+        "models": {}, "scoring": [], "rows": [], "baselines": [], "finetune": [],
     }
     for model in models:
         folder = work / "quality" / model
@@ -614,22 +733,35 @@ def main(argv: list[str] | None = None) -> None:
             row = prune(baseline["path"], method=FT_METHOD, budget=ft_budget, scope=FT_SCOPE, scoring=baseline)
             report["rows"].append({**row, "purpose": "fine-tuning baseline"})
             log_row(f"{FT_SCOPE:<6} {ft_budget}", row)
-        runs = [("one-shot", "ce", ft_epochs, 1), ("one-shot", "conftr", ft_epochs, 1)]
+        for tp_method in (TP_QUICK if args.quick else baselines.TP_METHODS):
+            for budget in budgets:
+                log(f"{model}: Torch-Pruning baseline {tp_method} at {budget}")
+                row = tp_row(dense, splits, model=model, method=tp_method, budget=budget, dense_flops=dense_eval["flops"],
+                             draws=draws)
+                report["baselines"].append(row)
+                log_row(f"{tp_method} {budget}", row)
+        default = (FT_METHOD, FT_SCOPE, None)
+        # CE against KD with 1 and 2 epochs (and ConfTr) on the same ranking; then auto's pruning with 1 epoch.
+        runs = [("one-shot", loss, epochs, 1, default) for loss in FT_LOSSES
+                for epochs in sorted({1, ft_epochs}) if loss != "conftr" or epochs == ft_epochs]
+        auto = scored.get(("auto", 0, None))
+        if auto is not None and not args.quick:
+            runs += [("one-shot", loss, 1, 1, ("auto", AUTO_FT_SCOPE, auto["path"])) for loss in ("ce", "kd")]
         if model == iter_model:
-            runs.append((f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps))
+            runs.append((f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps, default))
             if not args.quick:  # the same total epochs in one shot (the smoke run skips this control)
-                runs.append(("one-shot", "ce", ft_epochs * iter_steps, 1))
-        for label, loss, epochs, steps in runs:
-            log(f"{model}: fine-tuning row {label}, {loss}, {epochs} epoch(s) per step")
+                runs.append(("one-shot", "ce", ft_epochs * iter_steps, 1, default))
+        for label, loss, epochs, steps, ranking in runs:
+            log(f"{model}: fine-tuning row {ranking[0]} {label}, {loss}, {epochs} epoch(s) per step")
             row = finetune_row(dense, splits, folder, model=model, budget=ft_budget, loss=loss, epochs=epochs, steps=steps,
-                               dense_flops=dense_eval["flops"], label=label, draws=draws)
+                               dense_flops=dense_eval["flops"], label=label, draws=draws, ranking=ranking)
             report["finetune"].append(row)
             log_row(f"({row.get('seconds', 0):.0f} s)", row)
         report["wall_seconds"] = time.perf_counter() - start
         report["load_average"] = {"start": [round(v, 2) for v in load_start],
                                   "end": [round(v, 2) for v in os.getloadavg()]}
         report["complete"] = model == models[-1]
-        for key in ("rows", "finetune"):
+        for key in ("rows", "baselines", "finetune"):
             for r in report[key]:
                 r.pop("path", None)
         common.write_json(out_dir / "quality.json", _jsonable(report))
