@@ -383,8 +383,9 @@ def export(
         raise UsageError(f"{{fmt}} {format!r}: give onnx or pt2", arguments={"fmt": "format"})
     checks.check_output(output, suffixes=(f".{format}",), inputs=[
         ("model", _path(model)), ("data", _path(data)), ("cert", cert if not isinstance(cert, dict) else None)])
-    if opset is not None and (format != "onnx" or not 7 <= opset <= 30):
-        raise UsageError("{opset} applies to onnx and must lie in 7..30 (e.g. 18)", arguments={"opset": "opset"})
+    if opset is not None and (format != "onnx" or not 18 <= opset <= 30):
+        raise UsageError("{opset} applies to onnx and must be 18 or more (the lowest opset the dynamo exporter "
+                         "writes), e.g. {opset} 18", arguments={"opset": "opset"})
     from prunecp_cli.pipeline.export import export as run_export
 
     return run_export(model, output, cert=cert, fmt=format, data=data, opset=opset, dynamic_batch=dynamic_batch,

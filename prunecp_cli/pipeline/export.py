@@ -90,6 +90,9 @@ def build_onnx(model: nn.Module, example: torch.Tensor, *, record: dict[str, Any
     """The ONNX model (dynamo exporter) with ``record`` embedded, and its default-domain opset."""
     proto = onnx_proto(model, example, opset=opset, dynamic=dynamic)
     used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
+    if opset is not None and used != opset:
+        raise CheckpointError(f"the exporter wrote opset {used}, not the {opset} asked for; give --opset {used} "
+                              "or leave --opset out")
     record = {**record, "opset": used, "exporter": "torch.onnx.export(dynamo=True)"}
     return ex.embed_onnx(proto, record), used
 

@@ -148,6 +148,8 @@ def test_export_refuses_without_data_and_a_wrong_suffix(cli, work):
     assert_one_line_error(cli("export", work["pruned"], "--cert", work["cert"], "-o", out), 2, contains="--no-verify")
     assert_one_line_error(cli("export", work["pruned"], "--cert", work["cert"], "-o", work["folder"] / "x.pt2",
                               "--data", work["score"]), 2, contains="must end in .onnx")
+    assert_one_line_error(cli("export", work["pruned"], "--cert", work["cert"], "-o", out, "--data", work["score"],
+                              "--opset", "17"), 2, contains="--opset 18")
     assert not out.exists()
 
 
