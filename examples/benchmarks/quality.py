@@ -67,12 +67,14 @@ Run from the repository root (writes ``examples/benchmarks/results/quality.{json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +247,7 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
                            "scoring_max_samples": scoring["max_samples"]}
     tag = f"{model}-{method}-{scope}-{budget}" + (f"-seed{seed}" if seed else "")
     out = folder / f"{tag}.safetensors"
-    try:
+    with recorded(row, tag):
         start = time.perf_counter()
         result = api.prune(dense, out, scores=scores, data=splits["score"],
                            pruning=api.PruneOptions(target_flops=budget, scope=scope))
@@ -258,11 +260,18 @@ def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, 
         row.update(evaluate(out, splits, folder / f"{tag}.cert.json", draws=draws))
         row["evaluate_seconds"] = time.perf_counter() - start
         row["flops_kept"] = row["flops"] / dense_flops
-    except Exception as exc:  # recorded and reported: one failure must not stop the run
+    return row
+
+
+@contextlib.contextmanager
+def recorded(row: dict[str, Any], tag: str) -> Iterator[None]:
+    """Record an exception of the block in ``row["error"]`` and log it: one failure must not stop the run."""
+    try:
+        yield
+    except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
         log(f"  FAILED {tag}: {row['error']}")
         traceback.print_exc(file=sys.stderr)
-    return row
 
 
 def evaluate_in_memory(model: Any, splits: dict[str, Path], *, draws: int) -> dict[str, Any]:
@@ -289,7 +298,7 @@ def tp_row(dense: Path, splits: dict[str, Path], *, model: str, method: str, bud
     from prunecp_cli import api
 
     row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": "local (Torch-Pruning)"}
-    try:
+    with recorded(row, f"{model} {method} {budget}"):
         start = time.perf_counter()
         pruned, record = baselines.tp_prune(api.load_model(dense), method, budget, common.load_split(splits["score"]),
                                             torch.zeros(1, *common.INPUT_SHAPE))
@@ -297,10 +306,6 @@ def tp_row(dense: Path, splits: dict[str, Path], *, model: str, method: str, bud
         row.update(record)
         row.update(evaluate_in_memory(pruned, splits, draws=draws))
         row["flops_kept"] = row["flops"] / dense_flops
-    except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"  FAILED {model} {method} {budget}: {row['error']}")
-        traceback.print_exc(file=sys.stderr)
     return row
 
 
@@ -322,7 +327,7 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
                            "finetune_data": splits["train"].name}
     tag = f"{model}-ft-{method}-{label.replace(' ', '_')}-{loss}-{epochs}ep"
     out = folder / f"{tag}.safetensors"
-    try:
+    with recorded(row, tag):
         start = time.perf_counter()
         result = api.prune(dense, out, method=None if scores else method, scores=scores, data=splits["score"],
                            pruning=api.PruneOptions(target_flops=budget, scope=scope), steps=steps,
@@ -336,10 +341,6 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
         row.update(evaluate(out, splits, folder / f"{tag}.cert.json", draws=draws))
         row["evaluate_seconds"] = time.perf_counter() - start
         row["flops_kept"] = row["flops"] / dense_flops
-    except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"  FAILED {tag}: {row['error']}")
-        traceback.print_exc(file=sys.stderr)
     return row
 
 

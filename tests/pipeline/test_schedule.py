@@ -73,7 +73,7 @@ def test_schedule_option_errors(tmp_path, cli, trained_digits, digits_files):
         FinetuneConfig(epochs=-1)
 
 
-@pytest.mark.parametrize("loss", ["ce", "conftr"])
+@pytest.mark.parametrize("loss", ["ce", "conftr", "kd+ce"])
 def test_finetuning_repairs_a_pruned_model(tmp_path, cli, trained_digits, digits_files, loss):
     pruned = tmp_path / "p.safetensors"
     assert cli("prune", trained_digits["safetensors"], "--method", "l1", "--target-flops", "0.4", "--data",
@@ -83,7 +83,8 @@ def test_finetuning_repairs_a_pruned_model(tmp_path, cli, trained_digits, digits
     before = accuracy(model, x, y)
     tuned = copy.deepcopy(model)
     torch.manual_seed(0)
-    log = finetune(tuned, open_dataset(digits_files["train"]), FinetuneConfig(epochs=6, loss=loss))
+    teacher = copy.deepcopy(trained_digits["model"]) if loss == "kd+ce" else None  # the dense model, distilled
+    log = finetune(tuned, open_dataset(digits_files["train"]), FinetuneConfig(epochs=6, loss=loss), teacher=teacher)
     after = accuracy(tuned, x, y)
-    assert len(log) == 6 and (loss == "ce" or "soft_size" in log[-1])
+    assert len(log) == 6 and {"ce": "ce", "conftr": "soft_size", "kd+ce": "kd"}[loss] in log[-1]
     assert after > before + 0.03 and after > 0.85, (before, after)
