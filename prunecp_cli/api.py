@@ -174,6 +174,9 @@ def prune(
                              "on {grid}; drop them (use {kind} flops for FLOPs levels)",
                              arguments={"ratio": "ratio", "flops": "target_flops", "risk": "risk_data", "grid": "grid",
                                         "kind": "grid_kind"})
+        if method == "auto":
+            raise UsageError("{method} auto chooses among prunings at one target, but {risk} tests a grid of levels; "
+                             "name one method (e.g. {method} l1)", arguments={"method": "method", "risk": "risk_data"})
         from prunecp_cli.pipeline.confident import prune_confident
 
         return prune_confident(model, output, risk=risk, scores=scores, method=method, options=options, data=data,

@@ -93,3 +93,9 @@ def test_auto_on_the_command_line(tmp_path, cli, trained_digits, digits_files):
     result = cli("prune", trained_digits["safetensors"], "--method", "auto", "--opt", "candidates=l1,nope",
                  "--data", digits_files["score"], "--target-flops", "0.6", "-o", tmp_path / "z.safetensors")
     assert_one_line_error(result, 2, contains="nope")
+
+
+def test_auto_is_refused_with_learn_then_test(tmp_path, trained_digits, digits_files):
+    with pytest.raises(UsageError, match="grid of levels"):
+        api.prune(trained_digits["safetensors"], tmp_path / "x.safetensors", method="auto", data=digits_files["score"],
+                  risk=api.RiskOptions(digits_files["calib"], max_risk=0.1))
