@@ -203,3 +203,18 @@ def test_model_card_states_the_certificate_and_audit(cli, work):
         png = card.parent / name
         assert f"]({name})" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "prunecp calibrate pruned.safetensors --data calib.npz --alpha 0.1" in text
+
+
+def test_flipped_weight_byte_in_a_pt2_fails_certify_with_exit_4(cli, work):
+    import zipfile
+
+    source = Path(work["results"]["pt2"]["output"])
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max((i for i in archive.infolist() if "/data/weights/weight_" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # local header, then the bytes
+    data[start + info.file_size // 2] ^= 0x10
+    tampered = work["folder"] / "tampered.pt2"
+    tampered.write_bytes(bytes(data))
+    result = cli("certify", tampered, "--cert", work["cert"], "--data", work["test"])
+    assert_one_line_error(result, 4, contains="changed after prunecp export")
