@@ -71,6 +71,13 @@ def embed_onnx(proto, record: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
+def read_onnx_bytes(data: bytes):
+    """The ``ModelProto`` of serialised ONNX bytes."""
+    import onnx
+
+    return onnx.load_model_from_string(data)
+
+
 def _read_onnx(data: bytes, path: Path):
     import onnx
     from google.protobuf.message import DecodeError

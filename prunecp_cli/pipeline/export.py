@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecp_cli import __version__
+from prunecp_cli import __version__, dist
 from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
 from prunecp_cli.conformal.predictor import check_model_hash
 from prunecp_cli.errors import CertificationFailed, CheckpointError, UsageError, brief
@@ -182,9 +182,11 @@ def export(
                                   num_classes=session.num_classes, batch_size=run.batch(256), reporter=run.rep)
         if verification["disagreements"]:
             raise CertificationFailed(disagreement_message(verification, output=output))
-    with atomic_write_path(output) as tmp:
-        tmp.write_bytes(payload)
-    info, _, _ = ex.read_export(output)
-    return {"output": str(output), "format": fmt, "sha256": sha256_file(output), "content_sha256": info.content_sha256,
+    if dist.rank() == 0:  # under torchrun rank 0 alone writes
+        with atomic_write_path(output) as tmp:
+            tmp.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    content = ex.onnx_content_sha256(ex.read_onnx_bytes(payload)) if fmt == "onnx" else ex.pt2_content_sha256(payload)
+    return {"output": str(output), "format": fmt, "sha256": digest, "content_sha256": content,
             "bytes": len(payload), "opset": opset, "dynamic_batch": dynamic_batch,
             "source": record["source"], "certificate": record["certificate"], "verification": verification}
