@@ -86,7 +86,7 @@ METHODS: dict[str, MethodInfo] = {
                         "fuzziness), of, or soft-size (sigmoid set size at the recalibrated threshold)"),
             "temperature": (0.1, "measure=soft-size: sigmoid temperature, in log-probability units"),
             "cal-fraction": (0.5, "share of the score data that calibrates in each re-split; the rest measures efficiency"),
-            "resplits": (100, "random calibration/evaluation re-splits the efficiency is averaged over (1: the seeded split)"),
+            "resplits": (400, "random calibration/evaluation re-splits the efficiency is averaged over (1: the seeded split)"),
             "schedule": ("greedy", "greedy: remove the cheapest chunk, re-score the rest with it silenced, repeat; "
                          "one-shot: every channel alone"),
             "scope": ("auto", "greedy across all groups (global) or within each (local); auto: prune's --scope"),

@@ -10,7 +10,7 @@ top of the network becomes when f is silenced (Zhao, Farjudian & Bellotti, Neuro
   (:class:`~prunecp_cli.surgery.gates.ChannelGates`), which equals removing it in eval mode.
 * **Recalibrated, averaged over re-splits** (:mod:`~prunecp_cli.importance.cp_resplit`). All of the
   score split (after ``--max-samples``) is used. For every mask the logits of all points are computed
-  once; then ``resplits`` (default 100) random calibration/evaluation splits of those points
+  once; then ``resplits`` (default 400) random calibration/evaluation splits of those points
   (``cal-fraction`` calibrates) each recalibrate the LAC threshold q̂ = the k-th smallest calibration
   nonconformity 1 − π_y(x), k = ⌈(n+1)(1−α)⌉, and E is the mean over the splits of the efficiency on
   the evaluation part. On one split of a few hundred points c_f is mostly the noise of q̂ and of the
