@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             for budget in args.budgets:
                 for how in args.candidates:
                     (folder / how).mkdir(exist_ok=True)
-                    select.normalised = lambda scores, _how=None, how=how: original(scores, how)
+                    select.normalised = lambda scores, asked=None, how=how: original(scores, "none" if asked == "none" else how)
                     row = quality.prune_row(dense, scoring["path"], splits, folder / how, model=name, method=method,
                                             budget=budget, scope="global", scoring=scoring,
                                             dense_flops=dense_flops, draws=args.draws)
