@@ -23,6 +23,7 @@ from prunecp_cli.errors import UsageError
 from prunecp_cli.finetune import FinetuneConfig, finetune
 from prunecp_cli.io.data import Dataset
 from prunecp_cli.measure import count_flops, flops_by_module
+from prunecp_cli.pipeline.flops_target import FLOPS_TOLERANCE, flops_removal
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.scoring import compute_importance
 from prunecp_cli.pipeline.setup import recalibrate_model, tie_warnings
@@ -143,7 +144,7 @@ def run_schedule(
         raise UsageError("{steps} > 1 re-scores the model between steps: use {method} instead of {scores}", arguments={"steps": "steps", "method": "method", "scores": "scores"})
     session, graph, scores = setup.session, setup.graph, setup.scores
     model, example = session.model, session.example
-    flops_dense = count_flops(model, example)
+    flops_dense = setup.flops_before or count_flops(model, example)  # prepare counted this very model
     channels_dense = {g.name: g.channels for g in graph.groups}
     total_dense = sum(channels_dense.values())
     plan = session.loaded.meta.plan or None
@@ -156,19 +157,13 @@ def run_schedule(
             scores, _ = compute_importance(session, graph, method=method, options=setup.method_params,
                                            batch_size=batch_size, seed=seed + step, max_samples=max_samples,
                                            reporter=reporter)
-        chosen: dict[str, Removal] = {}
-
-        def choose(graph: ModelGraph, step: int = step, scores=scores, chosen=chosen) -> Removal:
-            chosen["removal"] = _step_removal(setup, graph, scores, step, schedule.steps, ratio=ratio,
-                                              target_flops=target_flops, flops_dense=flops_dense,
-                                              total_dense=total_dense)
-            return chosen["removal"]
-
         with reporter.status(f"step {step}/{schedule.steps}: removing channels"):
-            plan, graph, kept_whole = remove_keeping_whole(graph, choose, previous=plan, strict=setup.strict)
+            plan, graph, removal, kept_whole, flops_now = _remove_step(
+                setup, graph, scores, step, schedule.steps, plan, ratio=ratio, target_flops=target_flops,
+                flops_dense=flops_dense, total_dense=total_dense)
         if step == 1:
             setup.graph = graph  # its left_whole now names the groups kept whole here too
-        result.warnings += tie_warnings(scores, chosen["removal"], graph.groups)
+        result.warnings += tie_warnings(scores, removal, graph.groups)
         if kept_whole:
             shown = ", ".join(kept_whole[:3]) + (f" and {len(kept_whole) - 3} more" if len(kept_whole) > 3 else "")
             result.warnings.append(f"kept {len(kept_whole)} group(s) whole because removing their channels breaks "
@@ -176,7 +171,7 @@ def run_schedule(
         if bn_recalibrate:
             result.recalibrated = recalibrate_model(model, session.data, device=session.device,
                                                     batch_size=batch_size, reporter=reporter)
-        record: dict[str, Any] = {"step": step, "flops_kept": count_flops(model, example) / flops_dense}
+        record: dict[str, Any] = {"step": step, "flops_kept": flops_now / flops_dense}
         if schedule.finetune is not None:
             losses = finetune(model, schedule.finetune_data, schedule.finetune, device=session.device,
                               reporter=reporter, teacher=teacher)
@@ -193,21 +188,60 @@ def run_schedule(
     return result
 
 
+def _remove_step(setup, graph: ModelGraph, scores, step: int, steps: int, plan, *, ratio, target_flops,
+                 flops_dense: int, total_dense: int):
+    """Remove one step's channels in place; returns (plan, graph, removal, groups kept whole, FLOPs after).
+
+    For a FLOPs target the selection first trusts the analytic FLOPs estimate; when the pruned model's
+    FLOPs differ from that estimate by more than :data:`~prunecp_cli.pipeline.flops_target.FLOPS_TOLERANCE`
+    (couplings the estimate understates), the model is restored and the selection is redone on
+    measured prunings of copies.
+    """
+    model, example = setup.session.model, setup.session.example
+    before = copy.deepcopy(model) if target_flops is not None else None
+    flops_start = count_flops(model, example) if step > 1 and target_flops is not None else flops_dense
+    for measured in (False, True):
+        chosen: dict[str, Removal] = {}
+
+        def choose(graph: ModelGraph, measured: bool = measured, chosen=chosen) -> Removal:
+            chosen["removal"], chosen["predicted"] = _step_removal(
+                setup, graph, scores, step, steps, ratio=ratio, target_flops=target_flops, flops_dense=flops_dense,
+                total_dense=total_dense, measured=measured)
+            return chosen["removal"]
+
+        new_plan, graph, kept_whole = remove_keeping_whole(graph, choose, previous=plan, strict=setup.strict)
+        flops_now = count_flops(model, example)
+        predicted = flops_now if chosen.get("predicted") is None else chosen["predicted"]
+        if measured or target_flops is None or abs(flops_now - predicted) <= FLOPS_TOLERANCE * flops_start:
+            return new_plan, graph, chosen["removal"], kept_whole, flops_now
+        model.__dict__.update(copy.deepcopy(before).__dict__)  # undo, and select on measured prunings
+        graph = ModelGraph(model, example, ignore=graph.ignored)
+        for name in kept_whole:
+            if name in graph.by_name:
+                graph.by_name[name].channel_groups = 0
+    raise AssertionError("unreachable")
+
+
 def _step_removal(setup, graph: ModelGraph, scores, step: int, steps: int, *, ratio, target_flops,
-                  flops_dense: int, total_dense: int) -> Removal:
+                  flops_dense: int, total_dense: int, measured: bool = False) -> tuple[Removal, float | None]:
+    """The step's removal, with its predicted FLOPs (None when the FLOPs are not the target or were measured)."""
     model, example = setup.session.model, setup.session.example
     if target_flops is not None:
-        kept = count_flops(model, example) / flops_dense
+        by_module = flops_by_module(model, example)  # one trace gives the total ('') and the parts
+        kept = by_module[""] / flops_dense
         relative = step_target(target_flops, step, steps, kept_before=kept)
-        flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
         if relative >= 1.0:
-            return {}
-        return select(graph.groups, scores, policy=setup.policy, target_flops=relative, flops_model=flops_model)
+            return {}, None
+        if measured:
+            return flops_removal(graph, scores, policy=setup.policy, relative=relative, by_module=by_module), None
+        flops_model = FlopsModel(model, graph.groups, by_module)
+        removal = select(graph.groups, scores, policy=setup.policy, target_flops=relative, flops_model=flops_model)
+        return removal, flops_model(removal)
     kept = sum(g.channels for g in graph.groups) / total_dense
     relative = step_target(1.0 - ratio, step, steps, kept_before=kept)
     if relative >= 1.0:
-        return {}
-    return select(graph.groups, scores, policy=setup.policy, ratio=1.0 - relative)
+        return {}, None
+    return select(graph.groups, scores, policy=setup.policy, ratio=1.0 - relative), None
 
 
 def _width(model, name: str) -> int:

@@ -1,0 +1,115 @@
+"""Meet a FLOPs target on the model as pruned, not only on the analytic estimate.
+
+Selection for ``--target-flops`` bisects on :class:`~prunecp_cli.surgery.select.FlopsModel`, which
+predicts a pruned model's FLOPs from the dense per-layer counts and the groups' channel mappings.
+On most networks the prediction is exact to a fraction of a percent. Where channels are coupled in
+ways a group's index mapping understates (GhostNet's ghost modules concatenate a convolution with a
+depthwise copy of itself and add the result to a residual, so removing a channel in one half also
+removes its twin), the pruned model keeps far fewer FLOPs than predicted. :func:`flops_removal`
+then bisects the target handed to the selection on *trial prunings*: each trial removes the channels
+in place with the model's own dependency graph, reads the widths every layer ended with, and puts the
+model back exactly as it was (:class:`Trial`), so no re-tracing and no FLOP counting pass is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph
+from prunecp_cli.surgery.select import FlopsModel, Policy, Removal, select
+
+#: Largest accepted gap between the FLOPs kept and the target, as a fraction of the model's FLOPs.
+FLOPS_TOLERANCE = 0.01
+#: Most trial prunings when the estimate misses.
+MAX_TRIALS = 12
+
+
+def _cost(module: nn.Module) -> int | None:
+    """What a layer's FLOPs are proportional to, at fixed spatial size (None for other modules)."""
+    if isinstance(module, CONV_TYPES):
+        return module.in_channels // module.groups * module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    if isinstance(module, NORM_TYPES):
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            return weight.numel()
+        return getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    return None
+
+
+class Trial:
+    """Prune a model in place for a measurement, then restore every module exactly.
+
+    Torch-Pruning replaces a pruned layer's parameters, buffers and width attributes rather than
+    editing tensors in place, so a shallow copy of each module's state is enough to undo a removal.
+    Its graph's own operation nodes (concatenations, splits, slices) keep their sizes in lists it
+    edits in place, so those are copied list by list, and so is the graph's pruning history. The
+    module objects stay the same, so the graph stays valid.
+    """
+
+    def __init__(self, graph: ModelGraph) -> None:
+        self.graph = graph
+        self.modules = dict(graph.model.named_modules())
+        self._saved = {name: (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                       for name, m in self.modules.items()}
+        own = {id(m) for m in self.modules.values()}
+        self._ops = [(op, self._copy(op.__dict__)) for op in graph.dg.module2node if id(op) not in own]
+        self._history = list(graph.dg._pruning_history)
+
+    @staticmethod
+    def _copy(state: dict) -> dict:
+        return {key: list(value) if isinstance(value, list) else value for key, value in state.items()}
+
+    def restore(self) -> None:
+        for name, module in self.modules.items():
+            state, params, buffers, children = self._saved[name]
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            module._parameters, module._buffers, module._modules = dict(params), dict(buffers), dict(children)
+        for op, state in self._ops:
+            op.__dict__.clear()
+            op.__dict__.update(self._copy(state))
+        self.graph.dg._pruning_history = list(self._history)
+
+
+def flops_removal(graph: ModelGraph, scores: dict[str, torch.Tensor], *, policy: Policy, relative: float,
+                  by_module: dict[str, int]) -> Removal:
+    """The removal that keeps ``relative`` of ``graph.model``'s FLOPs, measured on trial prunings.
+
+    Args:
+        graph: the model's dependency graph (the model is left as it was).
+        scores: importance per group.
+        policy: selection constraints.
+        relative: fraction of the current model's FLOPs to keep.
+        by_module: fvcore FLOPs per module of the current model (``''`` is the total).
+    """
+    flops_model = FlopsModel(graph.model, graph.groups, by_module)
+    total = by_module[""]
+    trial = Trial(graph)
+    layers = {name: (by_module[name], cost) for name, module in trial.modules.items()
+              if name and by_module.get(name) and (cost := _cost(module))}
+    fixed = total - sum(flops for flops, _ in layers.values())
+
+    def kept(asked: float) -> tuple[Removal, float]:
+        removal = select(graph.groups, scores, policy=policy, target_flops=asked, flops_model=flops_model)
+        try:
+            for name, idxs in removal.items():
+                graph.prune_group(name, idxs)
+            flops = fixed + sum(f * _cost(trial.modules[n]) / cost for n, (f, cost) in layers.items())
+        finally:
+            trial.restore()
+        return removal, flops / total
+
+    removal, ratio = kept(relative)
+    best = (abs(ratio - relative), removal)
+    low, high = (relative, 1.0) if ratio < relative else (0.0, relative)
+    for _ in range(MAX_TRIALS):
+        if best[0] <= FLOPS_TOLERANCE:
+            break
+        asked = (low + high) / 2
+        removal, ratio = kept(asked)
+        best = min(best, (abs(ratio - relative), removal), key=lambda item: item[0])
+        low, high = (asked, high) if ratio < relative else (low, asked)
+    return best[1]
