@@ -1,7 +1,6 @@
 """The Python API, and the only door the command line goes through.
 
-One function per command. Each takes parameter objects (:mod:`prunecp_cli.options`) or plain paths
-and returns a typed result::
+One function per command; each takes parameter objects or plain paths, returns a typed result::
 
     from prunecp_cli import api
     from prunecp_cli.options import ModelSource, PruneOptions
@@ -11,11 +10,10 @@ and returns a typed result::
     result = api.prune(dense, "pruned.safetensors", method="taylor", data="score.npz",
                        pruning=PruneOptions(target_flops=0.5))
     cert = api.calibrate("pruned.safetensors", "calib.npz", alpha=0.1, output="certificate.json")
-    verdict = api.certify("pruned.safetensors", "test.npz", cert="certificate.json")
 
 Arguments are checked here, once, before anything heavy is imported: this module imports no torch
 at module level, so a bad value fails in a fraction of a second. Messages name the API argument
-(``target_flops``); the command line shows the flag (``--target-flops``) instead.
+(``target_flops``); the command line shows the flag (``--target-flops``).
 """
 
 from __future__ import annotations
