@@ -28,7 +28,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from testsupport import load_npz
+from testsupport import FAKE_DATA, FAKE_MODEL, held_out_pool, load_npz
 
 from prunecp_cli.conformal.nonconformity import choose_k_reg
 from prunecp_cli.conformal.quantile import conformal_quantile, pac_rank
@@ -48,19 +48,14 @@ from prunecp_cli.pipeline.certification import verdict_from_logits
 CPU = RunOptions(device="cpu")
 
 ALPHA, DELTA, SPLITS = 0.1, 0.1, 500
-MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
-         "params": 1, "flops": 1}
-DATA = {"file": "pool.npz", "sha256": "b" * 64}
+MODEL, DATA = FAKE_MODEL, FAKE_DATA
 SCORES = {"lac": {}, "aps": {}, "raps": {"k_reg": 1, "lambda_reg": 0.01}}
 
 
 @pytest.fixture(scope="module")
 def pool(trained_digits, digits_files):
     """Logits and labels of the ~900 score/calib/test digits the CNN was not trained on."""
-    parts = [load_npz(digits_files[name]) for name in ("score", "calib", "test")]
-    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    with torch.no_grad():
-        logits = trained_digits["model"](x)
+    x, logits, y = held_out_pool(trained_digits["model"], digits_files)
     accuracy = float((logits.argmax(1) == y).double().mean())
     assert 0.9 < accuracy < 0.999  # a real, imperfect classifier
     return logits, y

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from testsupport import load_npz
+from testsupport import FAKE_DATA, FAKE_MODEL, held_out_pool, load_npz
 
 from prunecp_cli.conformal.conditional import SIZE_BINS
 from prunecp_cli.conformal.nonconformity import from_parameters, prediction_sets
@@ -21,17 +21,12 @@ from prunecp_cli.pipeline.calibration import calibrate, certificate_from_logits,
 from prunecp_cli.pipeline.certification import verdict_from_logits
 from prunecp_cli.pipeline.groups import read_groups
 
-MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
-         "params": 1, "flops": 1}
-DATA = {"file": "pool.npz", "sha256": "b" * 64}
+MODEL, DATA = FAKE_MODEL, FAKE_DATA
 
 
 @pytest.fixture(scope="module")
 def halves(trained_digits, digits_files):
-    parts = [load_npz(digits_files[name]) for name in ("score", "calib", "test")]
-    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    with torch.no_grad():
-        logits = trained_digits["model"](x)
+    x, logits, y = held_out_pool(trained_digits["model"], digits_files)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     cal, test = order[: len(y) // 2], order[len(y) // 2:]
     return logits[cal], y[cal], logits[test], y[test]

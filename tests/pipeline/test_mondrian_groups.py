@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from testsupport import load_npz
+from testsupport import FAKE_DATA, FAKE_MODEL, held_out_pool, load_npz
 
 from prunecp_cli.conformal.certificate import validate_certificate
 from prunecp_cli.conformal.nonconformity import LAC
@@ -20,18 +20,13 @@ from prunecp_cli.io.checkpoint import open_model, save_model
 from prunecp_cli.pipeline.calibration import certificate_from_logits, make_nonconformity
 from prunecp_cli.pipeline.certification import verdict_from_logits
 
-MODEL = {"file": "m.safetensors", "sha256": "a" * 64, "arch": "prunecp_cli.models:digits_cnn", "num_classes": 10,
-         "params": 1, "flops": 1}
-DATA = {"file": "pool.npz", "sha256": "b" * 64}
+MODEL, DATA = FAKE_MODEL, FAKE_DATA
 RECORD = {"file": "groups.txt", "sha256": "c" * 64}
 
 
 @pytest.fixture(scope="module")
 def pool(trained_digits, digits_files):
-    parts = [load_npz(digits_files[name]) for name in ("score", "calib", "test")]
-    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    with torch.no_grad():
-        logits = trained_digits["model"](x)
+    x, logits, y = held_out_pool(trained_digits["model"], digits_files)
     # a group known at prediction time: whether the input's mean pixel is above the median
     brightness = x.flatten(1).mean(1)
     groups = ["bright" if float(v) > float(brightness.median()) else "dark" for v in brightness]
