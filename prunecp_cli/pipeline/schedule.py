@@ -29,7 +29,7 @@ from prunecp_cli.pipeline.scoring import compute_importance
 from prunecp_cli.pipeline.setup import recalibrate_model, tie_warnings
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.groups import ModelGraph
-from prunecp_cli.surgery.plan import remove_keeping_whole
+from prunecp_cli.surgery.plan import remove_keeping_whole, retrace
 from prunecp_cli.surgery.select import FlopsModel, Removal, select
 
 LOG_ALPHA = 0.1
@@ -215,10 +215,7 @@ def _remove_step(setup, graph: ModelGraph, scores, step: int, steps: int, plan, 
         if measured or target_flops is None or abs(flops_now - predicted) <= FLOPS_TOLERANCE * flops_start:
             return new_plan, graph, chosen["removal"], kept_whole, flops_now
         model.__dict__.update(copy.deepcopy(before).__dict__)  # undo, and select on measured prunings
-        graph = ModelGraph(model, example, ignore=graph.ignored)
-        for name in kept_whole:
-            if name in graph.by_name:
-                graph.by_name[name].channel_groups = 0
+        graph = retrace(graph, kept_whole)
     raise AssertionError("unreachable")
 
 

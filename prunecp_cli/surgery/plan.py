@@ -113,6 +113,15 @@ def apply_removal(graph: ModelGraph, removal: Removal, *, previous: dict[str, An
     return {"version": PLAN_VERSION, "history": history, "groups": groups, "steps": steps}
 
 
+def retrace(graph: ModelGraph, kept_whole: list[str]) -> ModelGraph:
+    """A new graph of ``graph``'s (restored) model, with the groups named in ``kept_whole`` kept whole."""
+    fresh = ModelGraph(graph.model, graph.example, ignore=graph.ignored)
+    for name in kept_whole:
+        if name in fresh.by_name:
+            fresh.by_name[name].channel_groups = 0
+    return fresh
+
+
 #: Most rounds of :func:`remove_keeping_whole`: each keeps the groups found breaking the model whole.
 MAX_KEEP_WHOLE_ROUNDS = 3
 
@@ -151,10 +160,7 @@ def remove_keeping_whole(
             if strict or not culprits:
                 raise
             kept_whole += culprits
-        graph = ModelGraph(graph.model, graph.example, ignore=graph.ignored)
-        for name in kept_whole:
-            if name in graph.by_name:
-                graph.by_name[name].channel_groups = 0
+        graph = retrace(graph, kept_whole)
     return apply_removal(graph, choose(graph), previous=previous), graph, kept_whole
 
 
