@@ -54,7 +54,7 @@ MAX_SPEC_LENGTH = 200
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPEC = re.compile(rf"{_NAME}(?:\.{_NAME})*:{_NAME}(?:\.{_NAME})*")
-_TRUSTED_TEXT = " and ".join(f"{source}:" for source in TRUSTED_SOURCES)
+_TRUSTED_TEXT = ", ".join(f"{source}:" for source in TRUSTED_SOURCES[:-1]) + f" and {TRUSTED_SOURCES[-1]}:"
 
 
 def is_spec(spec: Any) -> bool:

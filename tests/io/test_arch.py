@@ -90,7 +90,7 @@ def test_check_file_arch_allows_trusted_matching_or_consented_specs_only():
         check_file_arch("mylab.nets:wide", path="m.safetensors", arch="mylab.nets:narrow")
     assert str(caught.value) == (
         "m.safetensors asks to import module 'mylab.nets' (arch mylab.nets:wide) to build its architecture; "
-        "prunecp imports only torchvision: and prunecp_cli.models: by itself. If you trust this file, pass "
+        "prunecp imports only torchvision:, timm: and prunecp_cli.models: by itself. If you trust this file, pass "
         "--arch mylab.nets:wide or --trust-arch")
     assert "mylab" not in sys.modules  # deciding imports nothing
 

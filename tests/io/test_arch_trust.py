@@ -163,7 +163,7 @@ def test_the_message_says_how_to_allow_it(tmp_path, isolated):
         load_model(model)
     assert str(info.value) == (
         f"{model} asks to import module 'subprocess' (arch subprocess:run) to build its architecture; prunecp "
-        "imports only torchvision: and prunecp_cli.models: by itself. If you trust this file, pass --arch "
+        "imports only torchvision:, timm: and prunecp_cli.models: by itself. If you trust this file, pass --arch "
         "subprocess:run or --trust-arch"
     )
 

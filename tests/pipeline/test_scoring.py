@@ -33,12 +33,24 @@ def l1_table(trained_digits):
     return api.score(trained_digits["safetensors"], method="l1", run=CPU)
 
 
-def test_l1_table_has_one_filter_norm_per_channel_of_every_group(l1_table, trained_digits):
+def _member_l1(module, direction: str) -> torch.Tensor:
+    """Σ|w| per channel of one member: a producer's filter rows, a consumer's input columns, a BN scale."""
+    w = module.weight.detach().double().abs()
+    if w.dim() == 1:
+        return w
+    return w.flatten(1).sum(1) if direction == "out" else w.transpose(0, 1).flatten(1).sum(1)
+
+
+def test_l1_table_is_the_mean_of_each_members_normalised_channel_norms(l1_table, trained_digits):
+    """Every group: its conv's filters, its BN's scales and the next layer's input columns, each / its mean."""
     assert {g.name: g.channels for g in l1_table.groups} == GROUPS
-    convs = dict(trained_digits["model"].named_modules())
+    modules = dict(trained_digits["model"].named_modules())
     for group in l1_table.groups:
-        assert group.modules and group.name in group.modules
-        expected = convs[group.name].weight.detach().abs().flatten(1).sum(1).double()
+        producer, norm, consumer = group.modules
+        assert producer == group.name and norm.endswith(".1")
+        parts = [_member_l1(modules[producer], "out"), _member_l1(modules[norm], "out"),
+                 _member_l1(modules[consumer], "in")]
+        expected = torch.stack([part / part.mean() for part in parts]).mean(0)
         assert torch.allclose(torch.tensor(group.importance, dtype=torch.float64), expected, rtol=1e-6)
     assert l1_table.method == "l1" and l1_table.input_shape == [1, 8, 8]
     assert l1_table.model_sha256 == _sha256(trained_digits["safetensors"])
