@@ -13,6 +13,7 @@ replayable pruning plan. :func:`load_model` rebuilds such a file from that metad
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 from collections.abc import Mapping
@@ -221,6 +222,11 @@ def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, path: 
             f"{path} does not match --arch {arch}: {'; '.join(parts)}; pass the architecture and "
             "--arch-kwargs the checkpoint was trained with"
         )
+    if getattr(state, "_metadata", None) is None:
+        # safetensors files, and some torch.load paths, drop the per-module versions that a few
+        # layers check on load (torchvision's MNASNet refuses none); the model's own are the right ones.
+        state = collections.OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
 
 

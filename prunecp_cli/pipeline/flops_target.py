@@ -8,7 +8,7 @@ depthwise copy of itself and add the result to a residual, so removing a channel
 removes its twin), the pruned model keeps far fewer FLOPs than predicted. :func:`flops_removal`
 then bisects the target handed to the selection on *trial prunings*: each trial removes the channels
 in place with the model's own dependency graph, reads the widths every layer ended with, and puts the
-model back exactly as it was (:class:`Trial`), so no re-tracing and no FLOP counting pass is needed.
+model back exactly as it was (:class:`~prunecp_cli.surgery.trial.Trial`), so no re-tracing and no FLOP counting pass is needed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph
 from prunecp_cli.surgery.select import FlopsModel, Policy, Removal, select
+from prunecp_cli.surgery.trial import Trial
 
 #: Largest accepted gap between the FLOPs kept and the target, as a fraction of the model's FLOPs.
 FLOPS_TOLERANCE = 0.01
@@ -37,41 +38,6 @@ def _cost(module: nn.Module) -> int | None:
             return weight.numel()
         return getattr(module, "num_features", None) or getattr(module, "num_channels", None)
     return None
-
-
-class Trial:
-    """Prune a model in place for a measurement, then restore every module exactly.
-
-    Torch-Pruning replaces a pruned layer's parameters, buffers and width attributes rather than
-    editing tensors in place, so a shallow copy of each module's state is enough to undo a removal.
-    Its graph's own operation nodes (concatenations, splits, slices) keep their sizes in lists it
-    edits in place, so those are copied list by list, and so is the graph's pruning history. The
-    module objects stay the same, so the graph stays valid.
-    """
-
-    def __init__(self, graph: ModelGraph) -> None:
-        self.graph = graph
-        self.modules = dict(graph.model.named_modules())
-        self._saved = {name: (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                       for name, m in self.modules.items()}
-        own = {id(m) for m in self.modules.values()}
-        self._ops = [(op, self._copy(op.__dict__)) for op in graph.dg.module2node if id(op) not in own]
-        self._history = list(graph.dg._pruning_history)
-
-    @staticmethod
-    def _copy(state: dict) -> dict:
-        return {key: list(value) if isinstance(value, list) else value for key, value in state.items()}
-
-    def restore(self) -> None:
-        for name, module in self.modules.items():
-            state, params, buffers, children = self._saved[name]
-            module.__dict__.clear()
-            module.__dict__.update(state)
-            module._parameters, module._buffers, module._modules = dict(params), dict(buffers), dict(children)
-        for op, state in self._ops:
-            op.__dict__.clear()
-            op.__dict__.update(self._copy(state))
-        self.graph.dg._pruning_history = list(self._history)
 
 
 def flops_removal(graph: ModelGraph, scores: dict[str, torch.Tensor], *, policy: Policy, relative: float,

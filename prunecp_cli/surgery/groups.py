@@ -310,6 +310,7 @@ class ModelGraph:
         pruner = self.dg.get_pruner_of_module(module)
         group = self.dg.get_pruning_group(module, pruner.prune_out_channels, [int(i) for i in idxs])
         group.prune()
+        sync_split_widths(self.model)
 
     def history(self) -> list[list]:
         """Torch-Pruning's replayable history: ``[module name, is_out, [indices]]`` per pruning step."""
@@ -327,8 +328,28 @@ def replay_history(model: nn.Module, history: list, example: torch.Tensor) -> No
     try:
         dg, _ = _build_dependency(model, example)
         dg.load_pruning_history([(n, bool(out), list(idxs)) for n, out, idxs in history])
+        sync_split_widths(model)
     except (AttributeError, IndexError, ValueError, RuntimeError) as exc:
         raise PlanError(
             f"the stored pruning plan does not fit the architecture ({type(exc).__name__}: {brief(exc)}); "
             "the file was written for another architecture or --arch-kwargs"
         ) from None
+
+
+def sync_split_widths(model: nn.Module) -> None:
+    """Keep the split sizes a module stores for ``torch.split`` equal to its convolutions' widths.
+
+    timm's ``MixedConv2d`` splits its input with ``self.splits`` and runs one convolution per part;
+    Torch-Pruning narrows the convolutions (and its own split node) but not that attribute, so the
+    pruned module would split at the old sizes. A module whose ``splits`` list has one entry per
+    child, every child a convolution, gets its children's input widths (and summed widths).
+    """
+    for module in model.modules():
+        splits, children = getattr(module, "splits", None), list(module.children())
+        if not (isinstance(splits, list) and children and len(splits) == len(children)
+                and all(isinstance(child, CONV_TYPES) for child in children)):
+            continue
+        module.splits = [child.in_channels for child in children]
+        for attr in ("in_channels", "out_channels"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, sum(getattr(child, attr) for child in children))

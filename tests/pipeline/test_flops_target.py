@@ -14,6 +14,7 @@ from prunecp_cli.pipeline import flops_target
 from prunecp_cli.surgery import select as select_module
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.surgery.select import Policy
+from prunecp_cli.surgery.trial import Trial
 
 
 def test_trial_pruning_restores_the_model_exactly():
@@ -23,7 +24,7 @@ def test_trial_pruning_restores_the_model_exactly():
     before = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     graph = ModelGraph(model, x[:1])
-    trial = flops_target.Trial(graph)
+    trial = Trial(graph)
     for group in graph.groups:
         graph.prune_group(group.name, list(range(group.channels // 2)))
     assert count_flops(model, x) < count_flops(residual_depthwise(), x)
