@@ -12,10 +12,12 @@ own channels correspond to which root channel.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,6 +105,7 @@ def _build_dependency(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
 
     _tolerate_channel_reshapes()
+    _order_split_outputs()
     with torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     return dg, getattr(dg, "_prunecp_opaque", set())
@@ -134,6 +137,43 @@ def _tolerate_channel_reshapes() -> None:
 
     tolerant._prunecp = True
     index_mapping.update_reshape_index_mapping = tolerant
+
+
+def _split_output_number(split_fn: Any, consumer: Any) -> int | None:
+    """Which output of the split whose autograd node is ``split_fn`` the node ``consumer`` reads."""
+    numbers = {nr for fn, nr in getattr(consumer.grad_fn, "next_functions", None) or () if fn is split_fn}
+    return numbers.pop() if len(numbers) == 1 else None
+
+
+def _order_split_outputs() -> None:
+    """Make Torch-Pruning map a ``torch.split``'s parts to the layers that really read them.
+
+    Torch-Pruning gives the i-th consumer it met while tracing the i-th part's channel offsets, but it
+    meets consumers in traversal order, not part order: in timm's ``MixedConv2d`` removing channels
+    of the first part narrowed the convolution of the second. The consumers are put in part order
+    (the autograd output number each one reads) before the mapping is made; when a consumer reads
+    several parts, or one cannot be told, the order is left as it was. Its split pruner also leaves
+    the part offsets of the first trace in place after a pruning, so a second group pruned through
+    the same split was mapped with the old offsets; they are recomputed from the current sizes.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_split_index_mapping
+    if getattr(original, "_prunecp", False):
+        return
+
+    def ordered(graph, node):
+        sizes = getattr(node.module, "split_sizes", None)
+        if isinstance(sizes, list) and all(isinstance(size, int) for size in sizes):
+            # its split pruner updates the sizes but leaves the offsets the mapping reads stale
+            node.module.offsets = [0, *itertools.accumulate(sizes)]
+        numbers = [_split_output_number(node.grad_fn, out) for out in node.outputs]
+        if None not in numbers and len(set(numbers)) == len(numbers):
+            node.outputs[:] = [out for _, out in sorted(zip(numbers, node.outputs), key=lambda pair: pair[0])]
+        return original(graph, node)
+
+    ordered._prunecp = True
+    index_mapping.update_split_index_mapping = ordered
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -342,10 +382,13 @@ def sync_split_widths(model: nn.Module) -> None:
     timm's ``MixedConv2d`` splits its input with ``self.splits`` and runs one convolution per part;
     Torch-Pruning narrows the convolutions (and its own split node) but not that attribute, so the
     pruned module would split at the old sizes. A module whose ``splits`` list has one entry per
-    child, every child a convolution, gets its children's input widths (and summed widths).
+    child (or per item of its one ``ModuleList``/``ModuleDict``), every one a convolution, gets their
+    input widths (and its ``in_channels``/``out_channels`` their sums).
     """
     for module in model.modules():
         splits, children = getattr(module, "splits", None), list(module.children())
+        if len(children) == 1 and isinstance(children[0], (nn.ModuleList, nn.ModuleDict)):
+            children = list(children[0].children())  # the convolutions held in one list
         if not (isinstance(splits, list) and children and len(splits) == len(children)
                 and all(isinstance(child, CONV_TYPES) for child in children)):
             continue

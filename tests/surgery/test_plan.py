@@ -167,3 +167,27 @@ def test_breaking_removal_names_the_culprit_and_leaves_no_model(make, culprit):
     removal = {g.name: list(range(g.channels // 2)) for g in graph.groups}
     with pytest.raises(PlanError, match=f"culprit group\\(s\\): {culprit}"):
         apply_removal(graph, removal)
+
+
+@pytest.mark.parametrize("removal", [{"left": [0, 1, 2]}, {"right": [1, 4]}, {"left": [0, 5], "right": [0, 3, 4]}])
+def test_a_stored_split_follows_uneven_removals_in_either_part(removal):
+    """torch.split by stored sizes (timm's MixedConv2d): each part's conv loses the channels of its own part,
+    also when both parts are pruned in one step (Torch-Pruning mapped parts in trace order, with stale offsets)."""
+    import testmodels
+
+    from prunecp_cli.surgery.groups import replay_history
+
+    torch.manual_seed(0)
+    model, x = testmodels.mixed_net().eval(), torch.randn(4, 1, 8, 8)
+    graph = ModelGraph(model, x[:1])
+    assert {g.name: g.channels for g in graph.groups}.items() >= {"left": 6, "right": 6}.items()
+    plan = apply_removal(graph, removal)  # raises unless it computes the silenced dense model
+    widths = [6 - len(removal.get(name, [])) for name in ("left", "right")]
+    assert model.mixed.splits == widths == [conv.in_channels for conv in model.mixed.parts]
+    fresh = testmodels.mixed_net().eval()
+    fresh.load_state_dict(testmodels.mixed_net().state_dict())
+    replay_history(fresh, plan["history"], x[:1])
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.mixed.splits == widths
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
