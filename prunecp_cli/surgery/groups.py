@@ -12,6 +12,7 @@ own channels correspond to which root channel.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -106,13 +107,41 @@ def _build_dependency(model: nn.Module, example: torch.Tensor):
 
     _tolerate_channel_reshapes()
     _order_split_outputs()
-    with torch.enable_grad():
+    with torch.enable_grad(), _recorded_concat_widths():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     return dg, getattr(dg, "_prunecp_opaque", set())
 
 
+#: Channel widths of the parts of every ``torch.cat`` on dim 1 seen while tracing, by the output's autograd node.
+_CONCAT_WIDTHS: dict[Any, list[int]] = {}
+
+
+@contextlib.contextmanager
+def _recorded_concat_widths():
+    """Record the part widths of channel concatenations while Torch-Pruning traces the model.
+
+    Torch-Pruning infers a concatenation's part widths by walking the graph back recursively; on
+    DPN's dual-path blocks the walk gives up (``None``) after minutes. The widths seen in the traced
+    forward pass are exact and are handed to it instead (see :func:`_tolerate_channel_reshapes`).
+    """
+    original = torch.cat
+
+    def recording(tensors, dim=0, *args, **kwargs):
+        out = original(tensors, dim, *args, **kwargs)
+        if out.grad_fn is not None and out.dim() >= 2 and dim in (1, 1 - out.dim()):
+            _CONCAT_WIDTHS[out.grad_fn] = [int(t.shape[1]) for t in tensors]
+        return out
+
+    torch.cat = recording
+    try:
+        yield
+    finally:
+        torch.cat = original
+        _CONCAT_WIDTHS.clear()
+
+
 def _tolerate_channel_reshapes() -> None:
-    """Make Torch-Pruning's reshape index mapping record, not crash on, reshapes it cannot map.
+    """Make Torch-Pruning's reshape and concatenation index mappings record, not crash on, what they cannot map.
 
     Torch-Pruning recomputes index mappings whenever it forms a group, so the replacement stays
     installed (once per process); on every reshape it can map it behaves exactly as before.
@@ -137,6 +166,20 @@ def _tolerate_channel_reshapes() -> None:
 
     tolerant._prunecp = True
     index_mapping.update_reshape_index_mapping = tolerant
+
+    def tolerant_concat(graph, node):
+        widths = _CONCAT_WIDTHS.get(node.grad_fn)
+        if getattr(node.module, "concat_sizes", None) is None and widths and len(widths) == len(node.inputs):
+            node.module.concat_sizes = list(widths)
+        try:
+            return original_concat(graph, node)
+        except TypeError:  # a part whose width it could not infer (DPN's dual-path concatenations)
+            graph.__dict__.setdefault("_prunecp_opaque", set()).add(node)
+            return None
+
+    original_concat = index_mapping.update_concat_index_mapping
+    tolerant_concat._prunecp = True
+    index_mapping.update_concat_index_mapping = tolerant_concat
 
 
 def _split_output_number(split_fn: Any, consumer: Any) -> int | None:
@@ -169,11 +212,22 @@ def _order_split_outputs() -> None:
             node.module.offsets = [0, *itertools.accumulate(sizes)]
         numbers = [_split_output_number(node.grad_fn, out) for out in node.outputs]
         if None not in numbers and len(set(numbers)) == len(numbers):
-            node.outputs[:] = [out for _, out in sorted(zip(numbers, node.outputs), key=lambda pair: pair[0])]
+            node.outputs[:] = [out for _, out in sorted(zip(numbers, node.outputs, strict=True), key=lambda pair: pair[0])]
         return original(graph, node)
 
     ordered._prunecp = True
     index_mapping.update_split_index_mapping = ordered
+
+
+def layer_width(module: nn.Module, out: bool) -> int | None:
+    """The number of output (``out``) or input channels of a layer, when it has such a notion."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if out else module.in_features
+    if isinstance(module, CONV_TYPES):
+        return module.out_channels if out else module.in_channels
+    if isinstance(module, NORM_TYPES[:3]):
+        return module.num_features
+    return None
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -270,6 +324,9 @@ class ModelGraph:
                     kind=_kind(module),
                 )
                 group.members.append(member)
+                width = layer_width(module, direction == "out")
+                if width is not None and member.member_idxs and max(member.member_idxs) >= width:
+                    whole = True  # an index mapping Torch-Pruning got wrong (res2net's split widths)
             group.gate_points = self._gate_points(group)
             group.channel_groups = 0 if whole else self._channel_groups(group)
             groups.append(group)

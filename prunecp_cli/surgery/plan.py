@@ -22,7 +22,7 @@ from torch import nn
 
 from prunecp_cli.errors import PlanError, PrunecpError, brief
 from prunecp_cli.surgery.gates import ChannelGates
-from prunecp_cli.surgery.groups import CONV_TYPES, NORM_TYPES, ModelGraph, replay_history
+from prunecp_cli.surgery.groups import ModelGraph, layer_width, replay_history
 from prunecp_cli.surgery.resize import record_problem, resize_to
 from prunecp_cli.surgery.select import Removal
 from prunecp_cli.surgery.trial import Trial
@@ -252,17 +252,6 @@ def plan_problem(plan: Any) -> str | None:
     return None
 
 
-def _width(module: nn.Module, out: bool) -> int | None:
-    """The number of output (``out``) or input channels of a layer, when it has such a notion."""
-    if isinstance(module, nn.Linear):
-        return module.out_features if out else module.in_features
-    if isinstance(module, CONV_TYPES):
-        return module.out_channels if out else module.in_channels
-    if isinstance(module, NORM_TYPES[:3]):
-        return module.num_features
-    return None
-
-
 def _fit_problem(model: nn.Module, history: list) -> str | None:
     """Why ``history`` cannot apply to the fresh ``model`` (checked before touching it), or None.
 
@@ -278,7 +267,7 @@ def _fit_problem(model: nn.Module, history: list) -> str | None:
         module = modules.get(name)
         if module is None or name == "":
             return f"history entry {i} names {name[:80]!r}, which is not a layer of the architecture"
-        width = _width(module, out)
+        width = layer_width(module, out)
         if width is None:
             return f"history entry {i} names {name[:80]!r}, a {type(module).__name__} without channels to remove"
         if max(idxs) >= width:
