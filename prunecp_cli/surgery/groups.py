@@ -107,37 +107,53 @@ def _build_dependency(model: nn.Module, example: torch.Tensor):
 
     _tolerate_channel_reshapes()
     _order_split_outputs()
-    with torch.enable_grad(), _recorded_concat_widths():
+    with torch.enable_grad(), _recorded_shapes():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     return dg, getattr(dg, "_prunecp_opaque", set())
 
 
 #: Channel widths of the parts of every ``torch.cat`` on dim 1 seen while tracing, by the output's autograd node.
 _CONCAT_WIDTHS: dict[Any, list[int]] = {}
+#: Input and output ranks of every ``view``/``reshape`` seen while tracing, by the output's autograd node.
+_RESHAPE_RANKS: dict[Any, tuple[int, int]] = {}
 
 
 @contextlib.contextmanager
-def _recorded_concat_widths():
-    """Record the part widths of channel concatenations while Torch-Pruning traces the model.
+def _recorded_shapes():
+    """Record what Torch-Pruning would otherwise infer, badly, while it traces the model.
 
-    Torch-Pruning infers a concatenation's part widths by walking the graph back recursively; on
-    DPN's dual-path blocks the walk gives up (``None``) after minutes. The widths seen in the traced
-    forward pass are exact and are handed to it instead (see :func:`_tolerate_channel_reshapes`).
+    * The part widths of channel concatenations: it infers them by walking the graph back
+      recursively, and on DPN's dual-path blocks the walk gives up (``None``) after minutes. The
+      widths seen in the traced forward pass are exact and are handed to it instead.
+    * The ranks of reshapes: its reshape mapping is meant for a flatten (4-D to 2-D); a channel
+      shuffle's view to 5-D was mapped as a flatten with a stride, which multiplied every index
+      list it passed and cost ShuffleNet minutes per trace before the group was kept whole anyway.
+
+    See :func:`_tolerate_channel_reshapes` for where the records are used.
     """
-    original = torch.cat
+    cat, view, reshape = torch.cat, torch.Tensor.view, torch.Tensor.reshape
 
-    def recording(tensors, dim=0, *args, **kwargs):
-        out = original(tensors, dim, *args, **kwargs)
+    def recording_cat(tensors, dim=0, *args, **kwargs):
+        out = cat(tensors, dim, *args, **kwargs)
         if out.grad_fn is not None and out.dim() >= 2 and dim in (1, 1 - out.dim()):
             _CONCAT_WIDTHS[out.grad_fn] = [int(t.shape[1]) for t in tensors]
         return out
 
-    torch.cat = recording
+    def recorder(method):
+        def recording(self, *args, **kwargs):
+            out = method(self, *args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                _RESHAPE_RANKS[out.grad_fn] = (self.dim(), out.dim())
+            return out
+        return recording
+
+    torch.cat, torch.Tensor.view, torch.Tensor.reshape = recording_cat, recorder(view), recorder(reshape)
     try:
         yield
     finally:
-        torch.cat = original
+        torch.cat, torch.Tensor.view, torch.Tensor.reshape = cat, view, reshape
         _CONCAT_WIDTHS.clear()
+        _RESHAPE_RANKS.clear()
 
 
 def _tolerate_channel_reshapes() -> None:
@@ -154,8 +170,10 @@ def _tolerate_channel_reshapes() -> None:
 
     def tolerant(graph, node):
         opaque = graph.__dict__.setdefault("_prunecp_opaque", set())
-        sizes = getattr(node.grad_fn, "_saved_self_sizes", None)
-        if sizes is not None and len(sizes) not in (1, 2, 4):
+        if node in opaque:
+            return None  # found at trace time; Torch-Pruning re-maps on every group it forms
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", getattr(node.grad_fn, "_saved_self_sizes", None))
+        if max(_RESHAPE_RANKS.get(node.grad_fn, (0, 0))) > 4 or (sizes is not None and len(sizes) not in (1, 2, 4)):
             opaque.add(node)  # Torch-Pruning skips it: a channel split (5-D) it cannot map
             return None
         try:
