@@ -53,6 +53,9 @@ CI_MODELS = (
     "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x0_5", "timm:mobilenetv3_large_100", "timm:mixnet_s",
 )
 LATENCY_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
+#: Models the issue asks for "where the engine allows": reported, not counted against the run. MaxViT
+#: spends most of its FLOPs in attention and MLP linear layers, which no convolution group reaches.
+OPTIONAL = ("maxvit_t",)
 #: Models that need a larger input than the default: their smallest working size.
 MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 TARGET_FLOPS = 0.5
@@ -88,7 +91,7 @@ def _save_dense(model: str, net, folder: Path) -> tuple[Path, str | None]:
     return path, _spec(model)
 
 
-def worker(model: str, size: int, images: int, folder: Path) -> dict:
+def worker(model: str, size: int, images: int, folder: Path, round_to: int = 1) -> dict:
     import numpy as np
     import torch
 
@@ -108,7 +111,7 @@ def worker(model: str, size: int, images: int, folder: Path) -> dict:
     started = time.perf_counter()
     api.score(source, data, method="l1", output=scores, run=run)
     result = api.prune(source, pruned, scores=scores, data=data,
-                       pruning=api.PruneOptions(target_flops=TARGET_FLOPS), run=run)
+                       pruning=api.PruneOptions(target_flops=TARGET_FLOPS, round_to=round_to), run=run)
     elapsed = time.perf_counter() - started
     model_out = api.load_model(pruned)
     x = torch.from_numpy(rng.standard_normal((2, 3, size, size)).astype(np.float32))
@@ -201,7 +204,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
         started = time.perf_counter()
         code, record, error = _child(["--worker", model, "--size", str(args.size), "--images", str(args.images),
-                                      "--folder", tmp], args.timeout)
+                                      "--round-to", str(args.round_to), "--folder", tmp], args.timeout)
         row.update(exit=code, error=error)
         if record is not None:
             row.update(record)
@@ -213,6 +216,11 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         for key in ("pruned", "dense", "arch"):
             row.pop(key, None)
     return row
+
+
+def _passed(row: dict) -> bool:
+    """Pruned to half the FLOPs (within [0.45, 0.55]) and reloaded in a new process bit for bit."""
+    return row["exit"] == 0 and 0.45 <= row.get("flops_kept", 0) <= 0.55 and row.get("reload_max_abs_diff") == 0
 
 
 def markdown(rows: list[dict], total_s: float) -> str:
@@ -235,9 +243,10 @@ def markdown(rows: list[dict], total_s: float) -> str:
                          f"{t['pruned_ms_b1']:.1f} | {t['speedup_b1']:.2f}× | {t['dense_ms_b16']:.0f} / "
                          f"{t['pruned_ms_b16']:.0f} | {t['speedup_b16']:.2f}× | "
                          f"{t['speedup_b16'] / t['flops_speedup_224']:.2f} |")
-    passed = sum(r["exit"] == 0 and 0.45 <= r.get("flops_kept", 0) <= 0.55 and r.get("reload_max_abs_diff") == 0
-                 for r in rows)
-    lines += ["", f"{passed} of {len(rows)} models passed; total {total_s / 60:.1f} min."]
+    passed = sum(_passed(r) for r in rows)
+    optional = [r["model"] for r in rows if r["model"] in OPTIONAL and not _passed(r)]
+    note = f" ({', '.join(optional)}: optional, where the engine allows)" if optional else ""
+    lines += ["", f"{passed} of {len(rows)} models passed{note}; total {total_s / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200, help="random score images (default 200)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model and step (default 600)")
     parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--round-to", type=int, default=1, help="prune's --round-to (default 1: any width)")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--worker"), parser.add_argument("--reload"), parser.add_argument("--folder", type=Path)
     parser.add_argument("--record")
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         if args.worker:
-            record = worker(args.worker, args.size, args.images, args.folder)
+            record = worker(args.worker, args.size, args.images, args.folder, args.round_to)
         else:
             record = reload(args.reload, json.loads(args.record), args.folder, args.latency)
         print("ZOO " + json.dumps(record))
@@ -278,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, total)
     (args.results / f"{name}.md").write_text(table)
     print(table)
-    ok = all(r["exit"] == 0 and 0.45 <= r.get("flops_kept", 0) <= 0.55 and r.get("reload_max_abs_diff") == 0
-             for r in rows)
-    return 0 if ok else 1
+    return 0 if all(_passed(r) or r["model"] in OPTIONAL for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from prunecp_cli.measure import count_flops, flops_by_module
 from prunecp_cli.pipeline.flops_target import FLOPS_TOLERANCE, flops_removal
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.scoring import compute_importance
-from prunecp_cli.pipeline.setup import recalibrate_model, tie_warnings
+from prunecp_cli.pipeline.setup import LEFT_WHOLE_NOTE, left_whole_note, recalibrate_model, tie_warnings
 from prunecp_cli.runtime import SILENT, Reporter
 from prunecp_cli.surgery.groups import ModelGraph
 from prunecp_cli.surgery.plan import remove_keeping_whole, retrace
@@ -164,10 +164,10 @@ def run_schedule(
         if step == 1:
             setup.graph = graph  # its left_whole now names the groups kept whole here too
         result.warnings += tie_warnings(scores, removal, graph.groups)
-        if kept_whole:
-            shown = ", ".join(kept_whole[:3]) + (f" and {len(kept_whole) - 3} more" if len(kept_whole) > 3 else "")
-            result.warnings.append(f"kept {len(kept_whole)} group(s) whole because removing their channels breaks "
-                                   f"the model ({shown}); the other groups are pruned (--strict makes this an error)")
+        if kept_whole:  # one note for all groups kept whole: those found at tracing and those found here
+            setup.warnings = [w for w in setup.warnings if not w.startswith(LEFT_WHOLE_NOTE)]
+            result.warnings = [w for w in result.warnings if not w.startswith(LEFT_WHOLE_NOTE)]
+            result.warnings += left_whole_note(graph.left_whole, strict=False)
         if bn_recalibrate:
             result.recalibrated = recalibrate_model(model, session.data, device=session.device,
                                                     batch_size=batch_size, reporter=reporter)

@@ -102,8 +102,15 @@ def recalibrate(session: Session, *, batch_size: int, reporter: Reporter) -> int
                              reporter=reporter)
 
 
+#: How the note of :func:`left_whole_note` starts (a model gets one such line).
+LEFT_WHOLE_NOTE = "kept whole: "
+
+
 def left_whole_note(names: list[str], *, strict: bool) -> list[str]:
-    """The one-line note on groups kept whole because their channels cannot be followed safely.
+    """The one-line note on groups kept whole because their channels cannot be cut safely.
+
+    These are the groups whose channel mapping cannot be followed (found when the model is traced)
+    and those whose removal was found to break the model.
 
     Raises:
         PlanError: ``strict`` and there are such groups.
@@ -111,10 +118,11 @@ def left_whole_note(names: list[str], *, strict: bool) -> list[str]:
     if not names:
         return []
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    text = f"kept {len(names)} group(s) whole whose channels cannot be cut safely ({shown})"
+    text = f"{len(names)} group(s) whose channels cannot be cut safely ({shown})"
     if strict:
-        raise PlanError(f"{text}; drop {{strict}} to prune the other groups", arguments={"strict": "strict"})
-    return [f"{text}; the other groups are pruned (--strict makes this an error)"]
+        raise PlanError(f"{text}; drop {{strict}} to keep them whole and prune the other groups",
+                        arguments={"strict": "strict"})
+    return [f"{LEFT_WHOLE_NOTE}{text}; the other groups are pruned (--strict makes this an error)"]
 
 
 @dataclass

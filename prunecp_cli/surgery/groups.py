@@ -318,7 +318,7 @@ class ModelGraph:
         and of groups whose grouped layers see their channels re-ordered (``channel_groups == 0``).
         The user's ``--ignore`` layers and the protected classifier are not among them.
         """
-        return [*self.unmappable, *(g.name for g in self.groups if g.channel_groups == 0)]
+        return list(dict.fromkeys([*self.unmappable, *(g.name for g in self.groups if g.channel_groups == 0)]))
 
     def _collect_groups(self) -> list[ChannelGroup]:
         module2name = {m: n for n, m in self.model.named_modules()}
