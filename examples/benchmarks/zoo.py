@@ -267,10 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        if args.worker:
-            record = worker(args.worker, args.size, args.images, args.folder, args.round_to)
-        else:
-            record = reload(args.reload, json.loads(args.record), args.folder, args.latency)
+        from prunecp_cli.errors import PrunecpError
+
+        try:
+            if args.worker:
+                record = worker(args.worker, args.size, args.images, args.folder, args.round_to)
+            else:
+                record = reload(args.reload, json.loads(args.record), args.folder, args.latency)
+        except PrunecpError as exc:  # the exit code and one-line message the CLI would give
+            print(f"prunecp: error: {exc}", file=sys.stderr)
+            return exc.exit_code
         print("ZOO " + json.dumps(record))
         return 0
     if args.ci:
