@@ -161,6 +161,9 @@ class PruneOptions:
         granularity: ``channel`` (physical removal) or ``weight`` (unstructured zeros, no speed-up).
         strict: refuse (exit 3) when some groups must be kept whole because their channel mapping
             cannot be followed, instead of pruning the rest and saying so.
+        allocation: how groups share a FLOPs target with global scope: ``rank`` (every group about the
+            same share) or ``measured`` (shares chosen by the measured output damage per FLOP saved, on
+            the score data; :mod:`prunecp_cli.pipeline.allocation`).
     """
 
     ratio: float | None = None
@@ -173,6 +176,7 @@ class PruneOptions:
     bn_recalibrate: bool | None = None
     granularity: str = "channel"
     strict: bool = False
+    allocation: str = "rank"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ random split of a few hundred points is too noisy to rank models whose sets diff
 hundredths). The candidate with the smallest mean set size wins (ties: the earlier candidate).
 
 The model is then pruned with the winner's ranking exactly as ``prune --method <winner>`` would be
-(BatchNorm re-estimated on the whole score split), and every candidate's figures are recorded in
+(BatchNorm re-estimated on the whole score split; with ``--allocation measured``, with the groups'
+shares measured for the winner on the fit part, so the model is the one that was judged), and every candidate's figures are recorded in
 the model's metadata (``auto``) and returned for printing.
 """
 
@@ -28,6 +29,7 @@ from prunecp_cli.conformal.quantile import conformal_rank
 from prunecp_cli.errors import ScoresError, UsageError
 from prunecp_cli.importance import auto as auto_method
 from prunecp_cli.measure import count_flops, flops_by_module
+from prunecp_cli.pipeline.allocation import Allocation, allocate
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.setup import PruneSetup, recalibrate_model
 from prunecp_cli.runtime import SILENT, Reporter
@@ -119,15 +121,20 @@ def choose(
     if not 0.0 < alpha < 1.0 or resplits < 1:
         raise UsageError(f"--opt alpha={alpha} must be in (0, 1) and --opt resplits={resplits} at least 1")
     dense_flops = count_flops(session.model, session.example)
-    figures = []
+    figures, allocated = [], {}
     all_scores = candidate_scores(setup)
     for name, scores in all_scores.items():
         with reporter.status(f"auto: pruning with {name}"):
             model = copy.deepcopy(session.model)
             graph = ModelGraph(model, session.example, ignore=ignore)
             flops_model = FlopsModel(model, graph.groups, flops_by_module(model, session.example))
-            removal = select(graph.groups, scores, policy=setup.policy, ratio=ratio, target_flops=target_flops,
-                             flops_model=flops_model if target_flops is not None else None)
+            flops_model = flops_model if target_flops is not None else None
+            keys, policy = allocate(graph.groups, scores, policy=setup.policy, allocation=setup.allocation,
+                                    target_flops=target_flops, flops_model=flops_model, model=model, data=fit_data,
+                                    batch_size=batch_size)
+            allocated[name] = keys, policy
+            removal = select(graph.groups, keys, policy=policy, ratio=ratio, target_flops=target_flops,
+                             flops_model=flops_model)
             apply_removal(graph, removal)
             if bn_recalibrate:
                 recalibrate_model(model, fit_data, device=session.device, batch_size=batch_size)
@@ -141,6 +148,9 @@ def choose(
     best = min(range(len(figures)), key=lambda i: (figures[i]["holdout_set_size"], i))
     chosen = figures[best]["method"]
     setup.scores = all_scores[chosen]
+    if setup.allocation.how != "rank":  # prune with the shares the winner was judged with (measured on the fit part)
+        setup.scores, setup.policy = allocated[chosen]
+        setup.allocation = Allocation()
     return {"chosen": chosen, "alpha": alpha, "resplits": resplits, "fit_examples": len(fit),
             "holdout_examples": len(holdout), "split_seed": split_seed, "candidates": figures}
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from prunecp_cli.errors import UsageError
 from prunecp_cli.options import DataSource, ModelSource, PruneOptions, RunOptions
+from prunecp_cli.pipeline.allocation import Allocation
 from prunecp_cli.pipeline.auto import choose as choose_auto
 from prunecp_cli.pipeline.schedule import Schedule, run_schedule
 from prunecp_cli.pipeline.scoring import few_examples_warnings
@@ -72,6 +73,9 @@ def prune(
     if bn_recalibrate and data is None:
         raise UsageError("{bn_recalibrate} needs {data} (the score split) to re-estimate statistics on", arguments={"bn_recalibrate": "bn_recalibrate", "data": "data"})
     policy = make_policy(pruning)
+    allocation = Allocation(pruning.allocation)
+    if granularity == "channel":
+        allocation.check(scope=scope, target_flops=target_flops, has_data=data is not None)
     schedule = schedule or Schedule()
     if granularity == "weight":
         if schedule.steps > 1 or schedule.finetune is not None:
@@ -84,7 +88,10 @@ def prune(
     setup = prepare(model, scores=scores, method=method, options=options, data=data, policy=policy, ignore=ignore,
                     run=run, strict=pruning.strict)
     session = setup.session
+    setup.allocation = allocation
     used = list(setup.used)
+    if allocation.how == "measured":
+        used.append(seen_as(session.data, "allocation"))
     if bn_recalibrate is None:
         bn_recalibrate = session.data is not None
     if bn_recalibrate:
@@ -110,6 +117,7 @@ def prune(
         reporter.warn(message)
     target = {"ratio": ratio, "target_flops": target_flops, "scope": scope, "max_layer_ratio": pruning.max_layer_ratio,
               "round_to": pruning.round_to, "protect": setup.policy.protect, "ignore": list(ignore),
+              "allocation": allocation.how,
               "steps": schedule.steps}
     extra = {"schedule": done.log}
     if schedule.finetune is not None:

@@ -23,6 +23,7 @@ from prunecp_cli.errors import UsageError
 from prunecp_cli.finetune import FinetuneConfig, finetune
 from prunecp_cli.io.data import Dataset
 from prunecp_cli.measure import count_flops, flops_by_module
+from prunecp_cli.pipeline.allocation import allocate
 from prunecp_cli.pipeline.flops_target import FLOPS_TOLERANCE, flops_removal
 from prunecp_cli.pipeline.inference import collect_logits
 from prunecp_cli.pipeline.scoring import compute_importance
@@ -229,15 +230,18 @@ def _step_removal(setup, graph: ModelGraph, scores, step: int, steps: int, *, ra
         relative = step_target(target_flops, step, steps, kept_before=kept)
         if relative >= 1.0:
             return {}, None
-        if measured:
-            return flops_removal(graph, scores, policy=setup.policy, relative=relative, by_module=by_module), None
         flops_model = FlopsModel(model, graph.groups, by_module)
-        removal = select(graph.groups, scores, policy=setup.policy, target_flops=relative, flops_model=flops_model)
+        scores, policy = allocate(graph.groups, scores, policy=setup.policy, allocation=setup.allocation,
+                                  target_flops=relative, flops_model=flops_model, model=model, data=setup.session.data)
+        if measured:
+            return flops_removal(graph, scores, policy=policy, relative=relative, by_module=by_module), None
+        removal = select(graph.groups, scores, policy=policy, target_flops=relative, flops_model=flops_model)
         return removal, flops_model(removal)
     kept = sum(g.channels for g in graph.groups) / total_dense
     relative = step_target(1.0 - ratio, step, steps, kept_before=kept)
     if relative >= 1.0:
         return {}, None
+    allocate(graph.groups, scores, policy=setup.policy, allocation=setup.allocation, target_flops=None, flops_model=None)
     return select(graph.groups, scores, policy=setup.policy, ratio=1.0 - relative), None
 
 

@@ -26,6 +26,7 @@ from prunecp_cli.io.data import Dataset
 from prunecp_cli.io.digest import weights_sha256
 from prunecp_cli.measure import FLOPS_UNIT, count_flops, count_params
 from prunecp_cli.options import DataSource, ModelSource, PruneOptions, RunOptions
+from prunecp_cli.pipeline.allocation import Allocation
 from prunecp_cli.pipeline.scoring import (
     compute_importance,
     degenerate_warnings,
@@ -140,6 +141,7 @@ class PruneSetup:
         method_params: its options.
         used: data the model has seen so far (metadata plus the score data used here).
         warnings: degenerate or tied scores, and other things worth reading.
+        allocation: how groups share a FLOPs target (:mod:`~prunecp_cli.pipeline.allocation`).
         params_before: parameters of the input model.
         flops_before: FLOPs of the input model.
         strict: fail instead of keeping groups whole that cannot be cut (``--strict``).
@@ -158,6 +160,7 @@ class PruneSetup:
     flops_before: int = 0
     strict: bool = False
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    allocation: Allocation = field(default_factory=Allocation)
 
 
 def make_policy(pruning: PruneOptions) -> Policy:

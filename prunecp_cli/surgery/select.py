@@ -80,7 +80,7 @@ class Policy:
         return max(channels - min(keep, channels), 0)
 
 
-def _fold(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]):
+def fold(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]):
     """Groups and scores with each block-structured group seen as its block width.
 
     A group of ``C`` channels in ``k`` blocks that must shrink together (grouped convolutions,
@@ -104,8 +104,8 @@ def _fold(groups: list[ChannelGroup], scores: dict[str, torch.Tensor]):
     return folded, folded_scores
 
 
-def _unfold(groups: list[ChannelGroup], removal: Removal) -> Removal:
-    """Channel indices of a removal chosen on :func:`_fold`'s offsets."""
+def unfold(groups: list[ChannelGroup], removal: Removal) -> Removal:
+    """Channel indices of a removal chosen on :func:`fold`'s offsets."""
     out = {}
     for group in groups:
         offsets = removal.get(group.name, [])
@@ -120,7 +120,7 @@ def _unfold(groups: list[ChannelGroup], removal: Removal) -> Removal:
     return out
 
 
-def _policy_of(policy: Policy, group: ChannelGroup) -> Policy:
+def policy_of(policy: Policy, group: ChannelGroup) -> Policy:
     """The policy on a folded group: ``k`` blocks of kept offsets must give a multiple of round_to channels."""
     blocks = group.channel_groups
     if blocks <= 1 or policy.round_to == 1:
@@ -128,7 +128,7 @@ def _policy_of(policy: Policy, group: ChannelGroup) -> Policy:
     return dataclasses.replace(policy, round_to=policy.round_to // math.gcd(policy.round_to, blocks))
 
 
-def _order(scores: torch.Tensor) -> torch.Tensor:
+def order_channels(scores: torch.Tensor) -> torch.Tensor:
     """Channel indices from least to most important (stable: ties by index)."""
     return torch.sort(scores.double(), stable=True).indices
 
@@ -138,10 +138,10 @@ def select_local_ratio(groups: list[ChannelGroup], scores: dict[str, torch.Tenso
     """Remove ⌊ratio·C⌋ lowest channels of each group (within the caps)."""
     removal = {}
     for group in groups:
-        rule = _policy_of(policy, group)
+        rule = policy_of(policy, group)
         count = min(math.floor(ratio * group.channels + 1e-9), rule.max_removable(group.channels))
         count = rule.rounded(group.channels, count)
-        removal[group.name] = sorted(_order(scores[group.name])[:count].tolist())
+        removal[group.name] = sorted(order_channels(scores[group.name])[:count].tolist())
     return removal
 
 
@@ -169,7 +169,7 @@ def normalised(scores: dict[str, torch.Tensor], how: str = "rank") -> dict[str, 
             out[name] = value
         elif how == "rank":
             rank = torch.empty_like(value)
-            rank[_order(value)] = torch.arange(len(value), dtype=torch.float64)
+            rank[order_channels(value)] = torch.arange(len(value), dtype=torch.float64)
             out[name] = (rank + 0.5) / len(value)
         elif how == "mean-abs":
             mean = value.abs().mean()
@@ -186,7 +186,7 @@ def global_order(groups: list[ChannelGroup], scores: dict[str, torch.Tensor],
     norm = normalised({g.name: scores[g.name] for g in groups}, policy.normalise)
     candidates = []
     for position, group in enumerate(groups):
-        order = _order(norm[group.name])[: _policy_of(policy, group).max_removable(group.channels)]
+        order = order_channels(norm[group.name])[: policy_of(policy, group).max_removable(group.channels)]
         for rank, channel in enumerate(order.tolist()):
             candidates.append((float(norm[group.name][channel]), position, rank, group.name, channel))
     candidates.sort()
@@ -201,7 +201,7 @@ def select_global_count(groups: list[ChannelGroup], order: list[tuple[str, int]]
         removal[name].append(channel)
     by_name = {g.name: g for g in groups}
     for name, chosen in removal.items():
-        keep = _policy_of(policy, by_name[name]).rounded(by_name[name].channels, len(chosen))
+        keep = policy_of(policy, by_name[name]).rounded(by_name[name].channels, len(chosen))
         removal[name] = sorted(chosen[:keep])
     return removal
 
@@ -303,24 +303,24 @@ def select(
     check_target(ratio, target_flops)
     if not groups:
         raise PlanError("the model has no prunable convolution groups (all are ignored or protected)")
-    folded, folded_scores = _fold(groups, scores)
+    folded, folded_scores = fold(groups, scores)
     if ratio is not None:
         if policy.scope == "local":
-            return _unfold(groups, select_local_ratio(folded, folded_scores, ratio, policy))
+            return unfold(groups, select_local_ratio(folded, folded_scores, ratio, policy))
         order = global_order(folded, folded_scores, policy)
         total = sum(g.channels for g in folded)
         count = min(math.floor(ratio * total + 1e-9), len(order))
-        return _unfold(groups, select_global_count(folded, order, count, policy))
+        return unfold(groups, select_global_count(folded, order, count, policy))
     if flops_model is None:
         raise ValueError("select(target_flops=...) needs a flops_model")
     goal = target_flops * flops_model.total
     if policy.scope == "local":
-        candidates = lambda r: _unfold(groups, select_local_ratio(folded, folded_scores, r, policy))  # noqa: E731
+        candidates = lambda r: unfold(groups, select_local_ratio(folded, folded_scores, r, policy))  # noqa: E731
         lo, hi = 0.0, 1.0
         search = _bisect_real
     else:
         order = global_order(folded, folded_scores, policy)
-        candidates = lambda k: _unfold(groups, select_global_count(folded, order, int(k), policy))  # noqa: E731
+        candidates = lambda k: unfold(groups, select_global_count(folded, order, int(k), policy))  # noqa: E731
         lo, hi = 0, len(order)
         search = _bisect_int
     fewest = flops_model(candidates(hi))
