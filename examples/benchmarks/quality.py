@@ -28,7 +28,10 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    (in memory: accuracy and the re-split figures). The "prunecp against Torch-Pruning" table puts them beside
    prunecp's ``l1``, ``taylor``, ``cp-taylor``, ``cp-bruteforce`` and ``auto`` (which the registry loop runs like
    any method: ``score --method auto`` once, then ``prune --scores`` re-runs its choice at every budget and the
-   chosen candidate is shown as ``auto → <method>``).
+   chosen candidate is shown as ``auto → <method>``). prunecp's rows share the budget between groups by
+   within-group rank; ``auto, measured`` adds ``auto`` with ``--allocation measured`` (global scope; each
+   group's share chosen by the measured output change per FLOP, :mod:`prunecp_cli.pipeline.allocation`), the
+   recommended setting, at every budget.
 
 ``--random-seeds 1 2`` also runs the ``random`` baseline with those seeds, to show how far one-shot
 results move with nothing but the choice of channels (off by default: 18 more rows, an estimated 2
@@ -39,7 +42,7 @@ scope, whose one-shot row is run for this table when ``--scopes`` lacks ``local`
 followed by 1 or 2 epochs of fine-tuning on the **train** split (never the calibration split) with
 cross-entropy (``loss="ce"``) or distillation from the dense model (``loss="kd"``, T = 4, labels unused), 2
 epochs of conformal training (``loss="conftr"``, Stutz et al. 2022), 1 epoch of ``ce`` and of ``kd`` after
-``auto``'s one-shot pruning (global scope, from its importance.json), and, for
+``auto``'s one-shot pruning (global scope, ``--allocation measured``, from its importance.json), and, for
 the ResNet-style model, iterative pruning in 3 equal steps (re-scored each step) with 2 epochs of
 cross-entropy fine-tuning after every step, against one-shot pruning with 2 epochs (the same
 fine-tuning per pruning step) and with 6 epochs (the same total).
@@ -59,7 +62,7 @@ Set-up and deviations (stated in the Markdown header too):
 
 Run from the repository root (writes ``examples/benchmarks/results/quality.{json,md}``)::
 
-    python examples/benchmarks/quality.py            # full run: 14 min measured on 2 shared CPU cores
+    python examples/benchmarks/quality.py            # full run: 23 min measured on 2 CPU cores
     python examples/benchmarks/quality.py --quick    # smoke run under --work/quick: 35 s measured (1 thread,
                                                      # 2 shared cores)
 """
@@ -93,7 +96,8 @@ FT_METHOD = "taylor"
 FT_SCOPE = "local"
 FT_EPOCHS = 2
 FT_LOSSES = ("ce", "kd", "conftr")  # ce and kd with 1 and FT_EPOCHS epochs, conftr with FT_EPOCHS
-AUTO_FT_SCOPE = "global"  # the auto rows of the fine-tuning table: auto's one-shot pruning in this scope, 1 epoch
+AUTO_FT_SCOPE = "global"  # the auto rows of the fine-tuning table: auto's one-shot pruning in this scope with
+# --allocation measured, then 1 epoch
 TP_QUICK = ("tp-l1",)  # --quick: the Torch-Pruning baseline it runs
 ITER_STEPS = 3
 ITER_MODEL = "resnet_small"
@@ -238,19 +242,20 @@ def score_method(dense: Path, method: str, splits: dict[str, Path], folder: Path
 
 def prune_row(dense: Path, scores: Path, splits: dict[str, Path], folder: Path, *, model: str, method: str,
               budget: float, scope: str, scoring: dict[str, Any], dense_flops: int, draws: int,
-              seed: int = 0) -> dict[str, Any]:
-    """Prune with a scores file to ``budget`` in ``scope``, then calibrate, certify and re-split."""
+              seed: int = 0, allocation: str = "rank") -> dict[str, Any]:
+    """Prune with a scores file to ``budget`` in ``scope`` (and ``allocation``), then calibrate, certify and re-split."""
     from prunecp_cli import api
 
     row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": scope, "seed": seed,
-                           "scoring_seconds": scoring["seconds"], "scoring_options": scoring["options"],
-                           "scoring_max_samples": scoring["max_samples"]}
-    tag = f"{model}-{method}-{scope}-{budget}" + (f"-seed{seed}" if seed else "")
+                           "allocation": allocation, "scoring_seconds": scoring["seconds"],
+                           "scoring_options": scoring["options"], "scoring_max_samples": scoring["max_samples"]}
+    tag = f"{model}-{method}-{scope}-{budget}" + (f"-seed{seed}" if seed else "") + (
+        f"-{allocation}" if allocation != "rank" else "")
     out = folder / f"{tag}.safetensors"
     with recorded(row, tag):
         start = time.perf_counter()
         result = api.prune(dense, out, scores=scores, data=splits["score"],
-                           pruning=api.PruneOptions(target_flops=budget, scope=scope))
+                           pruning=api.PruneOptions(target_flops=budget, scope=scope, allocation=allocation))
         row["prune_seconds"] = time.perf_counter() - start
         row["warnings"] = list(result.warnings)
         row["channels"] = {k: list(v) for k, v in result.channels.items()}
@@ -311,7 +316,8 @@ def tp_row(dense: Path, splits: dict[str, Path], *, model: str, method: str, bud
 
 def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: str, budget: float, loss: str,
                  epochs: int, steps: int, dense_flops: int, label: str, draws: int,
-                 ranking: tuple[str, str, Path | None] = (FT_METHOD, FT_SCOPE, None)) -> dict[str, Any]:
+                 ranking: tuple[str, str, Path | None] = (FT_METHOD, FT_SCOPE, None),
+                 allocation: str = "rank") -> dict[str, Any]:
     """Prune to ``budget`` in ``steps`` steps with fine-tuning on the train split.
 
     ``ranking`` is ``(method, scope, scores)``: by default ``FT_METHOD`` in ``FT_SCOPE``, scored now (and between
@@ -323,14 +329,15 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
     config = api.FinetuneConfig(epochs=epochs, loss=loss, seed=0)
     row: dict[str, Any] = {"model": model, "method": method, "budget": budget, "scope": scope,
                            "schedule": label, "steps": steps, "loss": loss, "epochs_per_step": epochs,
+                           "allocation": allocation,
                            "epochs_total": epochs * steps, "finetune": config.to_json(),
                            "finetune_data": splits["train"].name}
-    tag = f"{model}-ft-{method}-{label.replace(' ', '_')}-{loss}-{epochs}ep"
+    tag = f"{model}-ft-{method}-{label.replace(' ', '_')}-{loss}-{epochs}ep-{allocation}"
     out = folder / f"{tag}.safetensors"
     with recorded(row, tag):
         start = time.perf_counter()
         result = api.prune(dense, out, method=None if scores else method, scores=scores, data=splits["score"],
-                           pruning=api.PruneOptions(target_flops=budget, scope=scope), steps=steps,
+                           pruning=api.PruneOptions(target_flops=budget, scope=scope, allocation=allocation), steps=steps,
                            finetune=config, finetune_data=splits["train"], run=api.RunOptions(seed=0))
         row["seconds"] = time.perf_counter() - start
         if "auto" in result.extra:
@@ -367,19 +374,21 @@ def _resplit(row: dict[str, Any], key: str) -> float | None:
 
 
 def method_label(row: dict[str, Any]) -> str:
-    """A row's method, with ``auto``'s choice: ``auto → taylor``."""
-    return f"auto → {row['auto']['chosen']}" if row.get("auto") else row["method"]
+    """A row's method, with ``auto``'s choice and a measured allocation: ``auto → taylor, measured``."""
+    label = f"auto → {row['auto']['chosen']}" if row.get("auto") else row["method"]
+    return label + (", measured" if row.get("allocation", "rank") == "measured" else "")
 
 
 COMPARED = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto")
 """prunecp's columns in the Torch-Pruning comparison."""
 
 
-def _set_size(rows: list[dict[str, Any]], model: str, method: str, budget: float, scope: str | None = None
-              ) -> float | None:
+def _set_size(rows: list[dict[str, Any]], model: str, method: str, budget: float, scope: str | None = None,
+              allocation: str = "rank") -> float | None:
     """The re-split mean set size of the seed-0 row of ``method`` (in ``scope`` when given), or None."""
     got = [r for r in rows if r["model"] == model and r["method"] == method and r["budget"] == budget
-           and "error" not in r and r.get("seed", 0) == 0 and (scope is None or r["scope"] == scope)]
+           and "error" not in r and r.get("seed", 0) == 0 and (scope is None or r["scope"] == scope)
+           and r.get("allocation", "rank") == allocation]
     return _resplit(got[0], "set_size_mean") if got else None
 
 
@@ -390,19 +399,24 @@ def tp_comparison(report: dict[str, Any], scope: str) -> list[str]:
     lines = [f"## prunecp against Torch-Pruning ({scope} scope)", "",
              "Mean LAC set size over the re-splits (smaller is better) at each budget; Torch-Pruning's `BasePruner` "
              "(local, ratio bisected to the same FLOPs; BatchNorm re-estimated on the score split as prunecp does) "
-             "with its `MagnitudeImportance(p=1)` (tp-l1) and `TaylorImportance` (tp-taylor). The last column "
-             "compares `auto` with the best Torch-Pruning row.", ""]
-    header = ["model", "budget", *tp_methods, *[m for m in COMPARED if m in s["methods"]], "auto vs best TP"]
+             "with its `MagnitudeImportance(p=1)` (tp-l1) and `TaylorImportance` (tp-taylor). prunecp's columns "
+             "share the budget between groups by within-group rank (every group about the same share); "
+             "`auto, measured` is `--method auto --allocation measured` (shares chosen by the measured output change "
+             "per FLOP). The last column compares `auto, measured` (or `auto` where it was not run) with the best "
+             "Torch-Pruning row.", ""]
+    header = ["model", "budget", *tp_methods, *[m for m in COMPARED if m in s["methods"]], "auto, measured",
+              "auto vs best TP"]
     rows = []
     for model in report["models"]:
         for budget in s["budgets"]:
             tp = [_set_size(report["baselines"], model, m, budget) for m in tp_methods]
             ours = [_set_size(report["rows"], model, m, budget, scope) for m in COMPARED if m in s["methods"]]
             best_tp = min((v for v in tp if v is not None), default=None)
-            auto = _set_size(report["rows"], model, "auto", budget, scope)
+            measured = _set_size(report["rows"], model, "auto", budget, scope, allocation="measured")
+            auto = measured if measured is not None else _set_size(report["rows"], model, "auto", budget, scope)
             verdict = "–" if best_tp is None or auto is None else (
                 f"{auto / best_tp:.2f}× ({'at or below' if auto <= best_tp else 'above'})")
-            rows.append([model, budget, *[fmt(v) for v in tp], *[fmt(v) for v in ours], verdict])
+            rows.append([model, budget, *[fmt(v) for v in tp], *[fmt(v) for v in ours], fmt(measured), verdict])
     return lines + [common.markdown_table(header, rows), ""]
 
 
@@ -439,8 +453,9 @@ def markdown(report: dict[str, Any]) -> str:
         "budgets and scopes, except methods with a `keep` option (`cluster`), scored per budget with "
         "`keep=<budget>`.",
         "* Scopes: " + " and ".join({"local": "`local` (each group loses the same share)",
-                                     "global": "`global` (ranked across groups after dividing each group's scores "
-                                               "by their mean magnitude, top 10 % of each group protected)"}[sc]
+                                     "global": "`global` (ranked across groups by each channel's rank within its "
+                                               "group, so every group loses about the same share; top 10 % of each "
+                                               "group protected)"}[sc]
                                     for sc in s["scopes"]) + "; at most 90 % of any group removed."
         + ("" if "local" in s["scopes"] else " (The local scope is not run here: `--scopes local global` adds it.)"),
     ]
@@ -537,7 +552,7 @@ def markdown(report: dict[str, Any]) -> str:
                     row.append("–")
                     continue
                 best = min(_resplit(r, "set_size_mean") for r in cands)
-                names = [r["method"] for r in cands if abs(_resplit(r, "set_size_mean") - best) < 1e-12]
+                names = [method_label(r) for r in cands if abs(_resplit(r, "set_size_mean") - best) < 1e-12]
                 row.append(f"{', '.join(names)} ({best:.3f})")
             rows.append(row)
     lines += [common.markdown_table(["model", "budget", *[f"{sc} scope" for sc in s["scopes"]]], rows), ""]
@@ -728,6 +743,14 @@ def main(argv: list[str] | None = None) -> None:
                                     seed=seed)
                         report["rows"].append(row)
                         log_row(f"{scope:<6} {budget}", row)
+        auto = scored.get(("auto", 0, None))
+        if auto is not None and not args.quick:  # the recommended setting: auto with measured shares
+            for budget in budgets:
+                log(f"{model}: auto, global scope, --allocation measured, {budget}")
+                row = prune(auto["path"], method="auto", budget=budget, scope="global", scoring=auto,
+                            allocation="measured")
+                report["rows"].append(row)
+                log_row(f"measured {budget}", row)
         baseline = scored.get((FT_METHOD, 0, None))
         if FT_SCOPE not in scopes and baseline is not None:  # the fine-tuning table's one-shot 'none' row
             log(f"{model}: one-shot {FT_METHOD}, {FT_SCOPE} scope, {ft_budget}: the fine-tuning baseline")
@@ -745,7 +768,6 @@ def main(argv: list[str] | None = None) -> None:
         # CE against KD with 1 and 2 epochs (and ConfTr) on the same ranking; then auto's pruning with 1 epoch.
         runs = [("one-shot", loss, epochs, 1, default) for loss in FT_LOSSES
                 for epochs in sorted({1, ft_epochs}) if loss != "conftr" or epochs == ft_epochs]
-        auto = scored.get(("auto", 0, None))
         if auto is not None and not args.quick:
             runs += [("one-shot", loss, 1, 1, ("auto", AUTO_FT_SCOPE, auto["path"])) for loss in ("ce", "kd")]
         if model == iter_model:
@@ -755,7 +777,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, loss, epochs, steps, ranking in runs:
             log(f"{model}: fine-tuning row {ranking[0]} {label}, {loss}, {epochs} epoch(s) per step")
             row = finetune_row(dense, splits, folder, model=model, budget=ft_budget, loss=loss, epochs=epochs, steps=steps,
-                               dense_flops=dense_eval["flops"], label=label, draws=draws, ranking=ranking)
+                               dense_flops=dense_eval["flops"], label=label, draws=draws, ranking=ranking,
+                               allocation="measured" if ranking[0] == "auto" else "rank")
             report["finetune"].append(row)
             log_row(f"({row.get('seconds', 0):.0f} s)", row)
         report["wall_seconds"] = time.perf_counter() - start
