@@ -121,9 +121,10 @@ def measured_keys(model: torch.nn.Module, groups: list[ChannelGroup], scores: di
     rows = np.sort(np.random.default_rng(0).permutation(len(data))[: allocation.examples])
     batches = [b.x.to(was_on) for b in data.subset(rows).batches(batch_size, device=was_on)]
 
-    def next_count(g: ChannelGroup) -> int:
-        chunk = max(1, math.ceil(allocation.step * g.channels - 1e-9))
-        return policy_of(policy, g).rounded(g.channels, min(cap[g.name], removed[g.name] + chunk))
+    def next_count(g: ChannelGroup) -> int:  # at least one --round-to block, so rounding cannot stall a group
+        rules = policy_of(policy, g)
+        chunk = max(rules.round_to, math.ceil(allocation.step * g.channels - 1e-9))
+        return rules.rounded(g.channels, min(cap[g.name], removed[g.name] + chunk))
 
     def removal(counts: dict[str, int]) -> Removal:
         return unfold(groups, {name: order[name][:n].tolist() for name, n in counts.items()})

@@ -88,6 +88,20 @@ def test_measured_keys_respect_the_caps_and_order_within_groups(digits_resnet, d
     assert all(torch.equal(same[n], keys[n]) for n in keys)  # deterministic
 
 
+def test_measured_shares_keep_round_to_widths(digits_resnet, digits_files):
+    model = open_model(digits_resnet).model.eval()
+    example = torch.zeros(1, 1, 8, 8)
+    graph = ModelGraph(model, example)
+    flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float64) for g in graph.groups}
+    policy = Policy(scope="global", round_to=8)
+    keys, used = allocate(graph.groups, scores, policy=policy, allocation=Allocation("measured", examples=64),
+                          target_flops=0.4, flops_model=flops_model, model=model, data=open_dataset(digits_files["score"]))
+    removal = select(graph.groups, keys, policy=used, target_flops=0.4, flops_model=flops_model)
+    assert all((g.channels - len(removal[g.name])) % 8 == 0 for g in graph.groups)
+    assert flops_model(removal) / flops_model.total < 0.45  # 8-channel blocks: the target is met to a block
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--ratio", "0.5", "--scope", "global"], "--allocation measured shares a FLOPs target: use --target-flops"),
     (["--target-flops", "0.5"], "which local scope fixes: use --scope global"),
