@@ -12,8 +12,8 @@ hundredths). The candidate with the smallest mean set size wins (ties: the earli
 
 The model is then pruned with the winner's ranking exactly as ``prune --method <winner>`` would be
 (BatchNorm re-estimated on the whole score split; with ``--allocation measured``, with the groups'
-shares measured for the winner on the fit part, so the model is the one that was judged), and every candidate's figures are recorded in
-the model's metadata (``auto``) and returned for printing.
+shares measured for the winner on the fit part, so the model is the one that was judged), and every
+candidate's figures are recorded in the model's metadata (``auto``) and returned for printing.
 """
 
 from __future__ import annotations

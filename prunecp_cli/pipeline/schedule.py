@@ -241,7 +241,6 @@ def _step_removal(setup, graph: ModelGraph, scores, step: int, steps: int, *, ra
     relative = step_target(1.0 - ratio, step, steps, kept_before=kept)
     if relative >= 1.0:
         return {}, None
-    allocate(graph.groups, scores, policy=setup.policy, allocation=setup.allocation, target_flops=None, flops_model=None)
     return select(graph.groups, scores, policy=setup.policy, ratio=1.0 - relative), None
 
 
