@@ -117,6 +117,8 @@ METHODS: dict[str, MethodInfo] = {
             "value": ("loss", "game value: loss (-cross-entropy) or cp-size (-smooth conformal set size; new)"),
             "aggregate": ("mean", "over examples: mean, or mean+2std (favours channels vital to a few examples)"),
             "truncation": (0.0, "stop a permutation once the mean value is this close to all-off (0: never)"),
+            "depth": (1.0, "fraction of each permutation played, from the full layer (1: the Shapley value; 0.5: "
+                           "the mean marginal over coalitions of at least half the channels)"),
             "antithetic": (True, "pair every permutation with its reverse"),
             "alpha": (0.1, "value=cp-size: miscoverage of the smooth threshold"),
             "temperature": (1.0, "value=cp-size: soft-set temperature, in -log p units"),

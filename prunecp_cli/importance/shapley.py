@@ -163,7 +163,7 @@ class GroupShapley:
 
 def draw_estimates(value_fn: ValueFn, channels: int, *, samples: int, generator: torch.Generator,
                    antithetic: bool = True, truncation: float | None = None,
-                   max_masks: int = 256) -> Iterator[ShapleyEstimate]:
+                   max_masks: int = 256, depth: float = 1.0) -> Iterator[ShapleyEstimate]:
     """One :func:`permutation_shapley` estimate per independent draw (antithetic pair or permutation).
 
     All draws share ``generator``, so together they use exactly the permutations, and give the
@@ -178,21 +178,30 @@ def draw_estimates(value_fn: ValueFn, channels: int, *, samples: int, generator:
         antithetic: pair each permutation with its reverse.
         truncation: truncation tolerance on the example-mean value (None: off).
         max_masks: most coalitions per ``value_fn`` call.
+        depth: fraction of each permutation played (:func:`permutation_shapley`).
     """
     per_call = 2 if antithetic else 1
     for _ in range(max(1, math.ceil(samples / per_call))):
         yield permutation_shapley(value_fn, channels, samples=per_call, antithetic=antithetic, generator=generator,
-                                  truncation_tol=truncation, max_masks_per_call=max_masks)
+                                  truncation_tol=truncation, max_masks_per_call=max_masks, depth=depth)
 
 
 def combine_draws(draws: list[ShapleyEstimate]) -> GroupShapley:
-    """Average the draws; the standard error is the spread of their example means over sqrt(draws)."""
+    """Average the draws; the standard error is the spread of their example means over sqrt(draws).
+
+    With ``depth < 1`` a draw credits only the channels its permutations reached: each channel's average
+    is weighted by how often each draw reached it, and its standard error is over the draws that did.
+    """
     means = torch.stack([d.mean for d in draws])
-    per_example = torch.stack([d.per_example for d in draws]).mean(0)
-    if len(draws) > 1:
-        std_error = means.std(0, correction=1) / math.sqrt(len(draws))
-    else:
-        std_error = torch.full((means.shape[1],), float("nan"), dtype=torch.float64)
+    channels = means.shape[1]
+    weight = torch.stack([torch.ones(channels, dtype=torch.float64) if d.reached is None else d.reached.double()
+                          for d in draws])  # [D, C]
+    per_example = (torch.stack([d.per_example for d in draws]) * weight[:, None]).sum(0) / weight.sum(0).clamp(min=1)
+    hit = weight > 0
+    k = hit.sum(0)
+    centre = torch.where(hit, means, 0.0).sum(0) / k.clamp(min=1)
+    spread = torch.where(hit, (means - centre) ** 2, 0.0).sum(0) / (k - 1).clamp(min=1)
+    std_error = torch.where(k > 1, (spread / k.clamp(min=1)).sqrt(), torch.nan)
     return GroupShapley(per_example=per_example, std_error=std_error, draws=len(draws),
                         evaluations=sum(d.evaluations for d in draws))
 
@@ -230,7 +239,9 @@ class ShapleyImportance(Importance):
     def __call__(self, ctx: ImportanceContext) -> dict[str, torch.Tensor]:
         opts = method_options(ctx, self.name)
         samples, how = int(opts["samples"]), str(opts["aggregate"])
-        truncation = float(opts["truncation"])
+        truncation, depth = float(opts["truncation"]), float(opts["depth"])
+        if not 0.0 < depth <= 1.0:
+            raise UsageError(f"--opt depth={depth} must lie in (0, 1] (1: the Shapley value)")
         if samples < 1:
             raise UsageError(f"--opt samples={samples}: permutation sampling needs at least 1 permutation")
         if how not in AGGREGATIONS:
@@ -251,7 +262,7 @@ class ShapleyImportance(Importance):
         with MaskedEvaluator(ctx.model, ctx.groups, max_rows=max_rows) as evaluator:
             evaluator.prepare(x)
             work = self._play(ctx, evaluator, y, value, mine, results, samples=samples, antithetic=antithetic,
-                              truncation=truncation or None, max_masks=max(1, max_rows // len(y)))
+                              truncation=truncation or None, max_masks=max(1, max_rows // len(y)), depth=depth)
             total = sum(draws for g in ctx.groups if g.name in mine)
             description = f"shapley: {len(mine)} group(s) × {draws} draw(s), {len(y)} examples"
             for _ in ctx.reporter.track(work, total=total, description=description):
@@ -269,7 +280,7 @@ class ShapleyImportance(Importance):
         return scores
 
     @staticmethod
-    def _play(ctx, evaluator, labels, value, mine, results, *, samples, antithetic, truncation, max_masks):
+    def _play(ctx, evaluator, labels, value, mine, results, *, samples, antithetic, truncation, max_masks, depth):
         """Fill ``results`` group by group; yields once per draw (for the progress bar)."""
         for position, group in enumerate(ctx.groups):
             if group.name not in mine:
@@ -278,7 +289,7 @@ class ShapleyImportance(Importance):
             draws = []
             for estimate in draw_estimates(game, group.channels, samples=samples,
                                            generator=group_generator(ctx.seed, position), antithetic=antithetic,
-                                           truncation=truncation, max_masks=max_masks):
+                                           truncation=truncation, max_masks=max_masks, depth=depth):
                 draws.append(estimate)
                 yield
             results[group.name] = combine_draws(draws)

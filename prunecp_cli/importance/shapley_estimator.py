@@ -50,6 +50,8 @@ class ShapleyEstimate:
             independent sampling unit.
         evaluations: Number of coalitions passed to ``value_fn`` (rows of all mask batches).
         permutations: Number of permutations used; 0 for :func:`exact_shapley`.
+        reached: ``float64[C]``; how many permutations credited each player (``depth < 1``), None when
+            every permutation credits every player.
     """
 
     per_example: torch.Tensor
@@ -57,6 +59,7 @@ class ShapleyEstimate:
     std_error: torch.Tensor
     evaluations: int
     permutations: int
+    reached: torch.Tensor | None = None
 
 
 class _BatchedGame:
@@ -110,6 +113,7 @@ def permutation_shapley(
     generator: torch.Generator,
     truncation_tol: float | None = None,
     max_masks_per_call: int = 256,
+    depth: float = 1.0,
 ) -> ShapleyEstimate:
     """Estimate channel Shapley values by permutation sampling (Castro et al. 2009).
 
@@ -153,6 +157,15 @@ def permutation_shapley(
             results.
         truncation_tol: Optional truncation tolerance on the example-mean value; ``None`` disables it.
         max_masks_per_call: Largest number of masks passed to one ``value_fn`` call.
+        depth: fraction of each permutation played (default 1: the Shapley value). Below 1, only the
+            first ``D = ceil(depth · C)`` removals from the full coalition are evaluated and credited,
+            and a player's value is the mean of its marginals over the permutations that reached it:
+            its expected marginal contribution to a coalition of at least ``C − D + 1`` players (a
+            semivalue, not the Shapley value; efficiency does not hold). Pruning removes channels from
+            the full network, where these marginals live; the Shapley value also averages marginals in
+            nearly empty networks, which are large and say little about pruning. With antithetic pairs
+            and ``depth >= 0.5`` every player is reached in every pair. A player no permutation
+            reached gets 0 (and a NaN standard error).
 
     Returns:
         The estimate. ``std_error[i]`` is the sample standard deviation (ddof 1) of the per-draw
@@ -168,6 +181,8 @@ def permutation_shapley(
         raise ValueError(f"samples={samples}: permutation sampling needs at least one permutation")
     if truncation_tol is not None and not truncation_tol >= 0:
         raise ValueError(f"truncation_tol={truncation_tol} must be non-negative or None")
+    if not 0.0 < depth <= 1.0:
+        raise ValueError(f"depth={depth} must lie in (0, 1]")
     game = _BatchedGame(value_fn, num_players, max_masks_per_call)
     c = num_players
 
@@ -181,6 +196,7 @@ def permutation_shapley(
     # rank[p, i] = step at which player i is removed in permutation p; coalition after j removals
     # of permutation p is {i : rank[p, i] >= j}.
     rank = torch.argsort(perms, dim=1)
+    played = c if depth >= 1.0 else max(1, math.ceil(depth * c - 1e-9))  # removals evaluated per permutation
 
     ends = game(torch.stack([torch.ones(c, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)]))
     v_full, v_empty = ends[0], ends[1]
@@ -205,12 +221,12 @@ def permutation_shapley(
 
     while True:
         # A permutation with C-1 removals done needs no evaluation: the last step ends in v(none).
-        active = torch.nonzero(running & (removed < c - 1)).flatten()
+        active = torch.nonzero(running & (removed < min(c - 1, played))).flatten()
         if active.numel() == 0:
             break
         active = active[: game.max_masks]
         block = max(1, game.max_masks // active.numel())
-        plan = [(int(p), int(removed[p]) + 1, min(int(removed[p]) + block, c - 1)) for p in active]
+        plan = [(int(p), int(removed[p]) + 1, min(int(removed[p]) + block, c - 1, played)) for p in active]
         masks = torch.cat([rank[p] >= torch.arange(lo, hi + 1).unsqueeze(1) for p, lo, hi in plan])
         values = game(masks)
         offset = 0
@@ -227,14 +243,31 @@ def permutation_shapley(
             carry[p] = seg[-1]
             removed[p] = lo - 1 + seg.shape[0]
 
-    last = torch.nonzero(running & (removed == c - 1)).flatten()
+    last = torch.nonzero(running & (removed == c - 1)).flatten() if played == c else torch.zeros(0, dtype=torch.long)
     for p in last.tolist():
         credit(p, torch.tensor([c - 1]), (carry[p] - v_empty).unsqueeze(0))
 
-    per_example = sums / num_perms
-    draws = per_perm.reshape(num_perms // 2, 2, c).mean(1) if antithetic else per_perm
-    if draws.shape[0] > 1:
+    if played == c:
+        per_example = sums / num_perms
+        draws = per_perm.reshape(num_perms // 2, 2, c).mean(1) if antithetic else per_perm
+    else:  # each player's marginals averaged over the permutations that reached it
+        reached = (rank < played).double()  # [P, C]
+        counts = reached.sum(0)
+        per_example = sums / counts.clamp(min=1)
+        if antithetic:
+            pair = reached.reshape(num_perms // 2, 2, c).sum(1)
+            draws = per_perm.reshape(num_perms // 2, 2, c).sum(1) / pair.clamp(min=1)
+            draws = torch.where(pair > 0, draws, torch.nan)
+        else:
+            draws = torch.where(reached > 0, per_perm, torch.nan)
+    if draws.shape[0] > 1 and played == c:
         std_error = draws.std(0, correction=1) / math.sqrt(draws.shape[0])
+    elif draws.shape[0] > 1:  # over the draws that reached each player
+        ok = ~torch.isnan(draws)
+        k = ok.sum(0)
+        mean = torch.where(ok, draws, 0.0).sum(0) / k.clamp(min=1)
+        var = torch.where(ok, (draws - mean) ** 2, 0.0).sum(0) / (k - 1).clamp(min=1)
+        std_error = torch.where(k > 1, (var / k.clamp(min=1)).sqrt(), torch.nan)
     else:
         std_error = torch.full((c,), float("nan"), dtype=torch.float64)
     return ShapleyEstimate(
@@ -243,6 +276,7 @@ def permutation_shapley(
         std_error=std_error,
         evaluations=game.evaluations,
         permutations=num_perms,
+        reached=None if played == c else counts,
     )
 
 

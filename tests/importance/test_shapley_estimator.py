@@ -237,3 +237,40 @@ def test_aggregate() -> None:
 def test_bad_value_fn_shape_is_reported() -> None:
     with pytest.raises(ValueError, match=r"\[num_masks, num_examples\]"):
         permutation_shapley(lambda m: torch.zeros(m.shape[0] + 1, 2), 3, generator=torch.Generator())
+
+
+def reference_semivalue(value_fn, num_players: int, played: int) -> torch.Tensor:
+    """Mean marginal of each player over all permutations, counting only the first ``played`` removals."""
+    c = num_players
+    totals = torch.zeros(value_fn(torch.ones(1, c, dtype=torch.bool)).shape[1], c, dtype=torch.float64)
+    counts = torch.zeros(c)
+    for perm in itertools.permutations(range(c)):
+        active = torch.ones(1, c, dtype=torch.bool)
+        for step in range(played):
+            after = active.clone()
+            after[0, perm[step]] = False
+            totals[:, perm[step]] += value_fn(active)[0] - value_fn(after)[0]
+            counts[perm[step]] += 1
+            active = after
+    return totals / counts
+
+
+def test_depth_recovers_an_additive_game_exactly() -> None:
+    weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    est = permutation_shapley(additive_game(weights), 8, samples=6, antithetic=True, depth=0.5,
+                              generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(est.per_example, weights, rtol=0, atol=1e-12)
+    assert est.evaluations == 2 + 6 * 4  # half of every permutation is played
+    assert torch.all(est.std_error.abs() < 1e-12)
+
+
+def test_depth_converges_to_the_written_out_semivalue() -> None:
+    reference = reference_semivalue(interaction_game, 6, played=3)
+    est = permutation_shapley(interaction_game, 6, samples=3000, antithetic=True, depth=0.5,
+                              generator=torch.Generator().manual_seed(3))
+    error = (est.mean - reference.mean(0)).abs()
+    assert torch.all(error < 4 * est.std_error + 1e-3), (error, est.std_error)
+    exact = exact_shapley(interaction_game, 6).mean
+    assert (reference.mean(0) - exact).abs().max() > 0.1  # a different quantity from the Shapley value
+    with pytest.raises(ValueError, match="depth"):
+        permutation_shapley(interaction_game, 6, depth=0.0, generator=torch.Generator())
