@@ -5,10 +5,12 @@ top 10 % of each group protected) on the score split, re-estimate BatchNorm ther
 set size (α 0.1) over 500 random half/half re-splits of the 1,500 calib ∪ test images, the test accuracy
 on them, the FLOPs kept, the seconds the allocation took and the channels removed per group. An
 allocation setting is ``rank``, ``measured`` or ``measured`` with ``:full`` (every candidate re-measured
-every round, not the lazy search), ``:eN`` (N examples) or ``:sF`` (a share F of a group per round)::
+every round, not the lazy search), ``:eN`` (N examples) or ``:sF`` (a share F of a group per round).
+``--opt KEY=VALUE`` passes an option to every method given::
 
     python examples/benchmarks/allocation_probe.py --models resnet_small --methods taylor \\
         --budgets 0.5 0.3 --allocations rank measured measured:full
+    python examples/benchmarks/allocation_probe.py --methods shapley --budgets 0.5 --allocations rank --opt depth=0.5
 
 Uses (and, when missing, trains) the models and splits of ``common.py`` under ``examples/benchmarks/out``.
 """
@@ -45,12 +47,29 @@ def parse_allocation(text: str):
     return Allocation(how, **kwargs)
 
 
+def parse_options(method: str, pairs: list[str]) -> dict:
+    """``["depth=0.5"]`` → ``{"depth": 0.5}``, typed as the method's defaults are."""
+    from prunecp_cli import importance as registry
+
+    defaults = {key: default for key, (default, _) in registry.info(method).options.items()}
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"--opt {key}: {method} has no such option ({', '.join(defaults)})")
+        kind = type(defaults[key])
+        options[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(common.MODELS))
     parser.add_argument("--methods", nargs="+", default=["taylor"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--allocations", nargs="+", default=["rank", "measured"])
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, as prune's --opt (e.g. depth=0.5 for shapley)")
     parser.add_argument("--work", type=Path, default=common.DEFAULT_OUT)
     args = parser.parse_args(argv)
     common.set_threads()
@@ -76,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         dense, _ = common.dense_model(name, splits, args.work)
         for method in args.methods:
-            setup = prepare(ModelSource(dense), method=method, data=DataSource(splits["score"]),
+            setup = prepare(ModelSource(dense), method=method, options=parse_options(method, args.opt),
+                            data=DataSource(splits["score"]),
                             policy=Policy(scope="global", protect=0.1), run=RunOptions(device="cpu"))
             for budget in args.budgets:
                 for text in args.allocations:
