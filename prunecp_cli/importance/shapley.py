@@ -63,7 +63,13 @@ from prunecp_cli.conformal.quantile import min_calibration_size
 from prunecp_cli.conformal.smooth import smooth_threshold, soft_set_membership
 from prunecp_cli.errors import UsageError
 from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
-from prunecp_cli.importance.shapley_estimator import ShapleyEstimate, ValueFn, aggregate, permutation_shapley
+from prunecp_cli.importance.shapley_estimator import (
+    ShapleyEstimate,
+    ValueFn,
+    aggregate,
+    draw_std_error,
+    permutation_shapley,
+)
 from prunecp_cli.surgery.masked import MaskedEvaluator
 
 DEFAULT_EXAMPLES = 128
@@ -197,11 +203,7 @@ def combine_draws(draws: list[ShapleyEstimate]) -> GroupShapley:
     weight = torch.stack([torch.ones(channels, dtype=torch.float64) if d.reached is None else d.reached.double()
                           for d in draws])  # [D, C]
     per_example = (torch.stack([d.per_example for d in draws]) * weight[:, None]).sum(0) / weight.sum(0).clamp(min=1)
-    hit = weight > 0
-    k = hit.sum(0)
-    centre = torch.where(hit, means, 0.0).sum(0) / k.clamp(min=1)
-    spread = torch.where(hit, (means - centre) ** 2, 0.0).sum(0) / (k - 1).clamp(min=1)
-    std_error = torch.where(k > 1, (spread / k.clamp(min=1)).sqrt(), torch.nan)
+    std_error = draw_std_error(torch.where(weight > 0, means, torch.nan))
     return GroupShapley(per_example=per_example, std_error=std_error, draws=len(draws),
                         evaluations=sum(d.evaluations for d in draws))
 

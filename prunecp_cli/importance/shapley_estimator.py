@@ -104,6 +104,19 @@ def _check_players(num_players: int) -> None:
         raise ValueError(f"num_players={num_players}: a layer needs at least one channel")
 
 
+def draw_std_error(draws: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean of independent draws ``[D, C]`` per player; NaN marks a draw that did not reach it.
+
+    The sample standard deviation (ddof 1) over a player's draws divided by the square root of their
+    number; NaN where fewer than two draws reached the player.
+    """
+    reached = ~torch.isnan(draws)
+    k = reached.sum(0)
+    mean = torch.where(reached, draws, 0.0).sum(0) / k.clamp(min=1)
+    var = torch.where(reached, (draws - mean) ** 2, 0.0).sum(0) / (k - 1).clamp(min=1)
+    return torch.where(k > 1, (var / k.clamp(min=1)).sqrt(), torch.nan).to(torch.float64)
+
+
 def permutation_shapley(
     value_fn: ValueFn,
     num_players: int,
@@ -260,20 +273,10 @@ def permutation_shapley(
             draws = torch.where(pair > 0, draws, torch.nan)
         else:
             draws = torch.where(reached > 0, per_perm, torch.nan)
-    if draws.shape[0] > 1 and played == c:
-        std_error = draws.std(0, correction=1) / math.sqrt(draws.shape[0])
-    elif draws.shape[0] > 1:  # over the draws that reached each player
-        ok = ~torch.isnan(draws)
-        k = ok.sum(0)
-        mean = torch.where(ok, draws, 0.0).sum(0) / k.clamp(min=1)
-        var = torch.where(ok, (draws - mean) ** 2, 0.0).sum(0) / (k - 1).clamp(min=1)
-        std_error = torch.where(k > 1, (var / k.clamp(min=1)).sqrt(), torch.nan)
-    else:
-        std_error = torch.full((c,), float("nan"), dtype=torch.float64)
     return ShapleyEstimate(
         per_example=per_example,
         mean=per_example.mean(0),
-        std_error=std_error,
+        std_error=draw_std_error(draws),
         evaluations=game.evaluations,
         permutations=num_perms,
         reached=None if played == c else counts,
