@@ -1,4 +1,4 @@
-"""Weight-magnitude importance of a coupled group: every member's weights, each member normalised.
+"""Weight-magnitude importance of a coupled group: the norms of every member's weights, averaged.
 
 Removing group channel c removes, in every member of the group, the weights that touch it:
 
@@ -10,12 +10,14 @@ Removing group channel c removes, in every member of the group, the weights that
 * a normalisation layer's affine scale ``weight[c]`` (BatchNorm, LayerNorm, GroupNorm).
 
 ``members="all"`` (the default) gives every member's per-channel norm n_m(c) (L1: Σ|w|; L2: ‖w‖₂
-over the weights of channel c in member m), **divides it by its mean over the group's channels**
+over the weights of channel c in member m) and averages over the members: ``I(c) = (1/M) Σ_m n_m(c)``
+(``normalise="none"``, the default), which is Torch-Pruning's ``MagnitudeImportance``
+(``group_reduction="mean"``; it sums ``|w|^p`` without the p-th root, the same order for L1).
+``normalise="mean"`` first **divides each member's norms by their mean over the group's channels**
 (so a 9-weight depthwise filter, a 1-weight BatchNorm scale and a 1,152-weight dense filter weigh
-alike, and no member's size or weight scale dominates) and averages over the members:
-``I(c) = (1/M) Σ_m n_m(c) / mean_c' n_m(c')``. A group's scores therefore have mean 1.
-``normalise="none"`` averages the raw norms instead, as Torch-Pruning's ``MagnitudeImportance``
-(``group_reduction="mean"``; it sums ``|w|^p`` without the p-th root) does.
+alike): ``I(c) = (1/M) Σ_m n_m(c) / mean_c' n_m(c')``, whose scores have mean 1 per group. Neither won
+on every benchmark model (README, "Importance methods"); the default is the one that matches the
+reference tool.
 
 ``members="filters"`` is the earlier behaviour: the sum of the producers' filter norms only
 (consumers and normalisation scales ignored), Li et al., "Pruning Filters for Efficient ConvNets",
@@ -65,7 +67,7 @@ def _norms(slices: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def group_magnitude(modules: dict[str, nn.Module], group: ChannelGroup, *, p: int, members: str = "all",
-                    normalise: str = "mean") -> torch.Tensor:
+                    normalise: str = "none") -> torch.Tensor:
     """Magnitude importance of ``group``'s channels (see the module docstring), float64 ``[channels]``."""
     parts = []
     chosen = group.producers() if members == "filters" else group.members
@@ -107,14 +109,14 @@ class _NormImportance(Importance):
 
 
 class L1Importance(_NormImportance):
-    """Mean over the group's members of each member's Σ|w| per channel, normalised per member."""
+    """Mean over the group's members of each member's Σ|w| per channel."""
 
     name = "l1"
     p = 1
 
 
 class L2Importance(_NormImportance):
-    """Mean over the group's members of each member's ‖w‖₂ per channel, normalised per member."""
+    """Mean over the group's members of each member's ‖w‖₂ per channel."""
 
     name = "l2"
     p = 2

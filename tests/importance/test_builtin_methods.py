@@ -57,7 +57,7 @@ def _member_weights(module, member):
     return rows
 
 
-def test_l1_default_averages_every_members_normalised_norms():
+def test_l1_normalise_mean_averages_every_members_normalised_norms():
     """Producers' filters, consumers' input slices and BatchNorm scales, each member divided by its mean."""
     model, graph = _resnet()
     for module in model.modules():
@@ -67,7 +67,7 @@ def test_l1_default_averages_every_members_normalised_norms():
     residual = next(g for g in graph.groups if len(g.producers()) > 1)
     kinds = {m.kind for m in residual.members}
     assert {"conv", "norm"} <= kinds and any(m.direction == "in" for m in residual.members)
-    got = _magnitude("l1", model, graph)[residual.name]
+    got = _magnitude("l1", model, graph, normalise="mean")[residual.name]
     parts = []
     for member in residual.members:
         norm = torch.zeros(residual.channels, dtype=torch.float64)
@@ -78,9 +78,9 @@ def test_l1_default_averages_every_members_normalised_norms():
     assert abs(float(got.mean()) - 1.0) < 1e-9
 
 
-def test_l1_without_normalisation_equals_torch_pruning_group_l1():
-    """normalise=none is Torch-Pruning's MagnitudeImportance(p=1, group_reduction='mean') on conv, linear and BN
-    members (residual groups included); Torch-Pruning leaves depthwise filters out, prunecp counts them."""
+def test_l1_default_equals_torch_pruning_group_l1():
+    """The default (normalise=none) is Torch-Pruning's MagnitudeImportance(p=1, group_reduction='mean') on conv,
+    linear and BN members (residual groups included); Torch-Pruning leaves depthwise filters out, prunecp counts them."""
     import torch_pruning as tp
     from testmodels import residual_depthwise
 
@@ -93,7 +93,8 @@ def test_l1_without_normalisation_equals_torch_pruning_group_l1():
                 module.weight.data.uniform_(0.5, 1.5)
         graph = ModelGraph(model, torch.randn(1, 1, 16, 16))
         modules = dict(model.named_modules())
-        ours = _magnitude("l1", model, graph, normalise="none")
+        ours = _magnitude("l1", model, graph)
+        assert all(torch.equal(ours[g], s) for g, s in _magnitude("l1", model, graph, normalise="none").items())
         compared = 0
         for group in graph.groups:
             depthwise = any(isinstance(modules[m.module], torch.nn.Conv2d) and modules[m.module].groups > 1
@@ -107,8 +108,8 @@ def test_l1_without_normalisation_equals_torch_pruning_group_l1():
         assert compared >= 3
 
 
-def test_l1_counts_a_depthwise_filter_like_any_other_member():
-    """In a depthwise group, the 9-weight depthwise filters enter as one member among the dense ones."""
+def test_l1_normalise_mean_weighs_a_depthwise_filter_like_a_dense_one():
+    """normalise=mean: in a depthwise group, the 9-weight depthwise filters weigh as much as a dense member."""
     from testmodels import residual_depthwise
 
     torch.manual_seed(0)
@@ -116,7 +117,7 @@ def test_l1_counts_a_depthwise_filter_like_any_other_member():
     graph = ModelGraph(model, torch.randn(1, 1, 16, 16))
     modules = dict(model.named_modules())
     group = next(g for g in graph.groups if "depthwise.0" in g.modules)
-    got = _magnitude("l1", model, graph)[group.name]
+    got = _magnitude("l1", model, graph, normalise="mean")[group.name]
     parts = {}
     for member in group.members:
         norm = torch.zeros(group.channels, dtype=torch.float64)
@@ -127,7 +128,7 @@ def test_l1_counts_a_depthwise_filter_like_any_other_member():
     assert torch.allclose(got, torch.stack(list(parts.values())).mean(0))
     with torch.no_grad():
         model.depthwise[0].weight[3] *= 50.0  # one depthwise filter grows: only its member's share moves
-    moved = _magnitude("l1", model, graph)[group.name]
+    moved = _magnitude("l1", model, graph, normalise="mean")[group.name]
     assert int(moved.argmax()) == 3
 
 
