@@ -30,6 +30,13 @@ and the game is played on a small set of labelled examples:
   ``truncation > 0`` stops a permutation once the mean value is within ``truncation`` of the value
   with every channel off (the loss has saturated); 0 (default) disables it, as in the paper's code.
 
+* **Schedule** (``schedule``): ``one-shot`` (default) plays each layer's game once. ``greedy`` (new in
+  prunecp, after cp-bruteforce's schedule) removes the ``chunk`` channels of lowest value, re-plays
+  the game on the channels left (the removed ones off in every coalition) and repeats until
+  ``remove`` of the layer is gone, at most ``max-rounds`` games per layer (the chunk grows to fit):
+  redundant channels, which split one value between them, are then not both removed. It costs up
+  to ``max-rounds`` times as many coalitions; no ``std_error`` is written.
+
 * **Aggregation** over examples (``aggregate``): ``mean`` (default) or ``mean+2std`` (mean plus
   twice the population standard deviation over examples: it favours channels that matter a lot for
   a few examples; Ancona et al.'s "SV mean+2std").
@@ -50,6 +57,7 @@ and sum the results, so ``torchrun`` gives exactly the single-process values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -63,6 +71,7 @@ from prunecp_cli.conformal.quantile import min_calibration_size
 from prunecp_cli.conformal.smooth import smooth_threshold, soft_set_membership
 from prunecp_cli.errors import UsageError
 from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
+from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
 from prunecp_cli.importance.shapley_estimator import (
     ShapleyEstimate,
     ValueFn,
@@ -75,6 +84,7 @@ from prunecp_cli.surgery.masked import MaskedEvaluator
 DEFAULT_EXAMPLES = 128
 VALUES = ("loss", "cp-size")
 AGGREGATIONS = ("mean", "mean+2std")
+SCHEDULES = ("one-shot", "greedy")
 
 ValueOfLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(logits [M, N, K], labels [N]) -> per-example values [M, N']`` of ``M`` coalitions."""
@@ -259,16 +269,26 @@ class ShapleyImportance(Importance):
         if draws < 2:
             ctx.reporter.warn(f"--opt samples={samples} gives a single independent draw: no std_error is written; "
                               "use samples >= 3 for standard errors")
+        schedule = str(opts["schedule"])
+        if schedule not in SCHEDULES:
+            raise UsageError(f"--opt schedule={schedule}: use one of {', '.join(SCHEDULES)}")
         mine = _my_groups(ctx.groups)
         results: dict[str, GroupShapley] = {}
+        play = functools.partial(_draws, samples=samples, antithetic=antithetic, truncation=truncation or None,
+                                 max_masks=max(1, max_rows // len(y)), depth=depth)
         with MaskedEvaluator(ctx.model, ctx.groups, max_rows=max_rows) as evaluator:
             evaluator.prepare(x)
-            work = self._play(ctx, evaluator, y, value, mine, results, samples=samples, antithetic=antithetic,
-                              truncation=truncation or None, max_masks=max(1, max_rows // len(y)), depth=depth)
-            total = sum(draws for g in ctx.groups if g.name in mine)
-            description = f"shapley: {len(mine)} group(s) × {draws} draw(s), {len(y)} examples"
-            for _ in ctx.reporter.track(work, total=total, description=description):
-                pass
+            games = {g.name: make_value_fn(evaluator, g.name, y, value) for g in ctx.groups if g.name in mine}
+            if schedule == "greedy":
+                greedy = Greedy(scope="local", remove=float(opts["remove"]), chunk=int(opts["chunk"]),
+                                max_rounds=int(opts["max-rounds"]))
+                self._greedy(ctx, games, mine, results, play, greedy, how)
+            else:
+                work = self._play(ctx, games, results, play)
+                total = sum(draws for g in ctx.groups if g.name in mine)
+                description = f"shapley: {len(mine)} group(s) × {draws} draw(s), {len(y)} examples"
+                for _ in ctx.reporter.track(work, total=total, description=description):
+                    pass
         scores = {}
         for group in ctx.groups:  # every rank reduces every group, in the same order
             result = results.get(group.name)
@@ -282,19 +302,80 @@ class ShapleyImportance(Importance):
         return scores
 
     @staticmethod
-    def _play(ctx, evaluator, labels, value, mine, results, *, samples, antithetic, truncation, max_masks, depth):
+    def _play(ctx, games, results, play):
         """Fill ``results`` group by group; yields once per draw (for the progress bar)."""
         for position, group in enumerate(ctx.groups):
-            if group.name not in mine:
+            if group.name not in games:
                 continue
-            game = make_value_fn(evaluator, group.name, labels, value)
             draws = []
-            for estimate in draw_estimates(game, group.channels, samples=samples,
-                                           generator=group_generator(ctx.seed, position), antithetic=antithetic,
-                                           truncation=truncation, max_masks=max_masks, depth=depth):
+            for estimate in play(games[group.name], group.channels, generator=group_generator(ctx.seed, position)):
                 draws.append(estimate)
                 yield
             results[group.name] = combine_draws(draws)
+
+    @staticmethod
+    def _greedy(ctx, games, mine, results, play, greedy, how):
+        """Fill ``results`` with greedy-schedule scores (:func:`greedy_shapley`)."""
+        positions = {g.name: i for i, g in enumerate(ctx.groups)}
+        channels = {g.name: g.channels for g in ctx.groups if g.name in mine}
+        with ctx.reporter.status(f"shapley, greedy: {len(channels)} group(s), chunks of {greedy.chunk}"):
+            scores, rounds = greedy_shapley(games, channels, play, greedy, how,
+                                            generator=lambda name, r: group_generator(ctx.seed, positions[name] + r))
+        for name, score in scores.items():
+            ctx.extras.setdefault(name, {})["round"] = rounds[name]
+            results[name] = GroupShapley(per_example=score[None, :], std_error=torch.full_like(score, torch.nan),
+                                         draws=1, evaluations=0)
+
+
+def greedy_shapley(games: dict[str, ValueFn], channels: dict[str, int], play: Callable[..., Iterator[ShapleyEstimate]],
+                   greedy: Greedy, how: str, *, generator: Callable[[str, int], torch.Generator],
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """Scores whose ascending order is the greedy removal order of each group (``schedule=greedy``).
+
+    Round r plays each group's game on the channels still alive (those removed so far stay off in
+    every coalition), estimates their values with ``play`` (draws of :func:`draw_estimates`, the
+    generator ``generator(group, r)``) and removes the ``greedy.chunk`` of lowest value, until
+    ``greedy.remove`` of the group is gone (:func:`~prunecp_cli.importance.cp_greedy.greedy_scores`,
+    local scope). Two channels that copy each other split one value between them, so a one-shot
+    ranking can drop both; after the first goes, the second carries the whole value and stays.
+
+    Returns:
+        ``(scores, rounds)``: per group ``float64[C]`` scores, and the round each channel went in (−1: kept).
+    """
+    rounds = 0
+
+    def measure(alive: dict[str, torch.Tensor], active: set[str]) -> dict[str, torch.Tensor]:
+        nonlocal rounds
+        rounds += 1
+        out = {}
+        for name in active:
+            players = alive[name].nonzero().squeeze(1)
+            game = _sub_game(games[name], players, channels[name])
+            draws = list(play(game, len(players), generator=generator(name, rounds)))
+            values = torch.zeros(channels[name], dtype=torch.float64)
+            values[players] = aggregate(combine_draws(draws).per_example, how)
+            out[name] = values
+        return out
+
+    scores, extras = greedy_scores(channels, measure, dataclasses.replace(greedy, scope="local"))
+    return scores, {name: extras[name]["round"] for name in scores}
+
+
+def _draws(game: ValueFn, channels: int, *, generator: torch.Generator, samples: int, antithetic: bool,
+           truncation: float | None, max_masks: int, depth: float) -> Iterator[ShapleyEstimate]:
+    return draw_estimates(game, channels, samples=samples, generator=generator, antithetic=antithetic,
+                          truncation=truncation, max_masks=max_masks, depth=depth)
+
+
+def _sub_game(game: ValueFn, players: torch.Tensor, channels: int) -> ValueFn:
+    """``game`` restricted to ``players``: the other channels stay off in every coalition."""
+
+    def value_fn(masks: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(masks.shape[0], channels, dtype=torch.bool, device=masks.device)
+        full[:, players.to(masks.device)] = masks
+        return game(full)
+
+    return value_fn
 
 
 def _my_groups(groups) -> set[str]:

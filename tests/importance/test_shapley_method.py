@@ -143,11 +143,54 @@ def test_score_writes_efficient_values_and_standard_errors(tmp_path, cli, traine
         assert sum(entry["importance"]) == pytest.approx(float(ce_none - ce_all), rel=1e-4, abs=1e-6)
 
 
-def test_prune_with_shapley_end_to_end(tmp_path, cli, trained_digits, digits_files):
+@pytest.mark.parametrize("schedule", ["one-shot", "greedy"])
+def test_prune_with_shapley_end_to_end(tmp_path, cli, trained_digits, digits_files, schedule):
     pruned = tmp_path / "pruned.safetensors"
     result = cli("prune", trained_digits["pt"], "--arch", ARCH, "--method", "shapley", "--data",
                  digits_files["score"], "--target-flops", "0.5", "--max-samples", "48", "--opt", "samples=2",
-                 "-o", pruned)
+                 "--opt", f"schedule={schedule}", "-o", pruned)
     assert result.code == 0, result
     assert_pruned_digits_model(pruned)
     assert_flops_kept(pruned, trained_digits["safetensors"], 0.5)
+
+
+def test_greedy_schedule_records_each_channels_round(tmp_path, cli, trained_digits, digits_files):
+    out = tmp_path / "importance.json"
+    result = cli("score", trained_digits["safetensors"], "--method", "shapley", "--data", digits_files["score"],
+                 "--max-samples", "32", "--opt", "samples=2", "--opt", "schedule=greedy", "--opt", "chunk=4", "-o", out)
+    assert result.code == 0, result
+    for entry in json.loads(out.read_text())["groups"]:
+        rounds = entry["round"]
+        assert sum(r >= 0 for r in rounds) == entry["channels"] // 2  # remove=0.5 of each layer
+        removed = sorted(range(entry["channels"]), key=lambda c: entry["importance"][c])[: entry["channels"] // 2]
+        assert all(rounds[c] >= 0 for c in removed)  # the lowest scores are the greedy removals
+
+
+def test_an_unknown_schedule_is_a_usage_error(tmp_path, cli, trained_digits, digits_files):
+    result = cli("score", trained_digits["safetensors"], "--method", "shapley", "--data", digits_files["score"],
+                 "--opt", "schedule=sometimes", "-o", tmp_path / "i.json")
+    assert result.code == 2 and "one-shot, greedy" in result.stderr, result
+
+
+def _redundant_game(masks: torch.Tensor) -> torch.Tensor:
+    """v(S) = 10·[0 ∈ S or 1 ∈ S] + 6·|S ∩ {2, 3}| on one example: players 0 and 1 copy each other."""
+    masks = masks.double()
+    return (10 * torch.maximum(masks[:, 0], masks[:, 1]) + 6 * (masks[:, 2] + masks[:, 3]))[:, None]
+
+
+def test_greedy_schedule_keeps_one_of_two_redundant_channels():
+    """One-shot, the copies split 10 (5 each, below 6) and go first; greedy re-plays after the first."""
+    from prunecp_cli.importance.cp_greedy import Greedy
+    from prunecp_cli.importance.shapley import greedy_shapley
+
+    def play(game, players, *, generator):
+        return draw_estimates(game, players, samples=8, generator=generator)
+
+    one_shot = estimate_group(_redundant_game, 4, samples=8, generator=torch.Generator().manual_seed(0))
+    # an antithetic pair credits player 0 with 10 in one order and 0 in the reverse: exact values
+    assert torch.allclose(one_shot.per_example[0], torch.tensor([5.0, 5.0, 6.0, 6.0], dtype=torch.float64))
+    assert set(torch.argsort(one_shot.per_example[0], stable=True)[:2].tolist()) == {0, 1}
+    scores, rounds = greedy_shapley({"g": _redundant_game}, {"g": 4}, play, Greedy(remove=0.5, chunk=1), "mean",
+                                    generator=lambda name, r: torch.Generator().manual_seed(r))
+    assert rounds["g"] == [0.0, -1.0, 1.0, -1.0]
+    assert torch.argsort(scores["g"])[:2].tolist() == [0, 2]
