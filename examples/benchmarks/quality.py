@@ -106,12 +106,15 @@ ITER_MODEL = "resnet_small"
 # 20 minutes.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "cp-bruteforce": {"options": {}, "max_samples": 200},
-    "shapley": {"options": {"samples": 2}, "max_samples": 16},
+    "shapley": {"options": {}, "max_samples": 128},
     "cluster": {"options": {"population": 6, "generations": 1}, "max_samples": 250},
 }
 RESPLIT_DRAWS = 1000  # random calib/test re-splits per row (LAC coverage and set size: mean and sd)
 RESPLIT_SEED = 1
-RANDOM_EXTRA_SEEDS: tuple[int, ...] = ()  # default of --random-seeds: extra seeds of the random baseline
+SEEDED_METHODS = ("random", "shapley", "cluster")  # scored again with each of --seeds (their draws depend on it)
+EXTRA_SEEDS: tuple[int, ...] = (1, 2)  # default of --seeds: the seeds besides 0
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+"""Student's t 0.975 quantile by degrees of freedom (the 95 % interval of a mean over a few seeds)."""
 QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto")
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 64}}
 QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke model (500 images), cached under WORK/quick
@@ -404,20 +407,62 @@ def tp_comparison(report: dict[str, Any], scope: str) -> list[str]:
              "`auto, measured` is `--method auto --allocation measured` (shares chosen by the measured output change "
              "per FLOP). The last column compares `auto, measured` (or `auto` where it was not run) with the best "
              "Torch-Pruning row.", ""]
-    header = ["model", "budget", *tp_methods, *[m for m in COMPARED if m in s["methods"]], "auto, measured",
-              "auto vs best TP"]
+    matched = {(r["model"], r["tp_budget"]): r for r in report.get("tp_matched", []) if "error" not in r}
+    if matched:
+        lines += ["Torch-Pruning's bisected ratio lands near the budget, not on it (its FLOPs kept are in the "
+                  "table above); `l1 @ tp-l1 FLOPs` is prunecp's `l1` pruned to exactly the FLOPs tp-l1 kept, "
+                  "its ratio to tp-l1 after it.", ""]
+    header = ["model", "budget", *tp_methods, *[m for m in COMPARED if m in s["methods"]],
+              *(["l1 @ tp-l1 FLOPs"] if matched else []), "auto, measured", "auto vs best TP"]
     rows = []
     for model in report["models"]:
         for budget in s["budgets"]:
             tp = [_set_size(report["baselines"], model, m, budget) for m in tp_methods]
+            extra = []
+            if matched:
+                match, tp_l1 = matched.get((model, budget)), _set_size(report["baselines"], model, "tp-l1", budget)
+                size = _resplit(match, "set_size_mean") if match else None
+                extra = ["–" if size is None or not tp_l1 else f"{size:.3f} ({size / tp_l1:.2f}×)"]
             ours = [_set_size(report["rows"], model, m, budget, scope) for m in COMPARED if m in s["methods"]]
             best_tp = min((v for v in tp if v is not None), default=None)
             measured = _set_size(report["rows"], model, "auto", budget, scope, allocation="measured")
             auto = measured if measured is not None else _set_size(report["rows"], model, "auto", budget, scope)
             verdict = "–" if best_tp is None or auto is None else (
                 f"{auto / best_tp:.2f}× ({'at or below' if auto <= best_tp else 'above'})")
-            rows.append([model, budget, *[fmt(v) for v in tp], *[fmt(v) for v in ours], fmt(measured), verdict])
+            rows.append([model, budget, *[fmt(v) for v in tp], *[fmt(v) for v in ours], *extra, fmt(measured),
+                         verdict])
     return lines + [common.markdown_table(header, rows), ""]
+
+
+def seed_table(report: dict[str, Any], size_col: str) -> list[str]:
+    """Mean set size over the scoring seeds of each seeded method, with its 95 % t-interval (global scope)."""
+    s = report["settings"]
+    seeds = [0, *s.get("extra_seeds", [])]
+    if len(seeds) < 2:
+        return []
+    methods = s.get("seeded_methods", [])
+    lines = ["## Over scoring seeds", "",
+             f"{', '.join(f'`{m}`' for m in methods)} scored with seeds {', '.join(map(str, seeds))} (global scope): "
+             f"the mean of the {size_col.lower()} over the seeds ± the half-width of its 95 % interval (Student's t, "
+             f"{len(seeds) - 1} degrees of freedom), then the seeds' values.", ""]
+    rows = []
+    for model in report["models"]:
+        for budget in s["budgets"]:
+            cells = [model, budget]
+            for method in methods:
+                got = sorted((r for r in report["rows"] if r["model"] == model and r["method"] == method
+                              and r["budget"] == budget and r["scope"] == "global" and "error" not in r
+                              and r.get("allocation", "rank") == "rank"), key=lambda r: r.get("seed", 0))
+                sizes = [_resplit(r, "set_size_mean") for r in got]
+                if len(sizes) < 2 or None in sizes:
+                    cells.append("–")
+                    continue
+                mean = sum(sizes) / len(sizes)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in sizes) / (len(sizes) - 1))
+                half = T_975[len(sizes) - 1] * sd / math.sqrt(len(sizes))
+                cells.append(f"{mean:.3f} ± {half:.3f} ({' / '.join(f'{v:.3f}' for v in sizes)})")
+            rows.append(cells)
+    return lines + [common.markdown_table(["model", "budget", *methods], rows), ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -497,8 +542,9 @@ def markdown(report: dict[str, Any]) -> str:
         + ". Every other option is the registry default; other methods use their defaults on the whole "
         f"score split ({s['split_sizes']['score']} images).",
         "* Scoring time = wall-clock seconds of `api.score` (for `cluster`, per budget).",
-        *(["* `random` is run with one seed here (`--random-seeds 1 2` adds the noise band of two more)."]
-          if "random" in s["methods"] and not s.get("random_extra_seeds") else []),
+        *([f"* {', '.join(f'`{m}`' for m in s['seeded_methods'])} (whose channels depend on the seed) are scored "
+           f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}; the tables show seed 0, and the last one-shot "
+           "table the mean over the seeds with its 95 % interval."] if s.get("extra_seeds") else []),
         "* A mean set size below 1 means some LAC sets are empty (the fixed split's fraction is in quality.json as "
         "`empty_set_fraction`).",
         "* One training seed and one draw of channels per method: differences of a few hundredths in accuracy "
@@ -556,27 +602,7 @@ def markdown(report: dict[str, Any]) -> str:
                 row.append(f"{', '.join(names)} ({best:.3f})")
             rows.append(row)
     lines += [common.markdown_table(["model", "budget", *[f"{sc} scope" for sc in s["scopes"]]], rows), ""]
-    seeds = [0, *s.get("random_extra_seeds", [])]
-    if len(seeds) > 1:
-        lines += ["## The random baseline over seeds", "",
-                  f"`random` scored with seeds {', '.join(map(str, seeds))}: how much one-shot results move with "
-                  "nothing but the choice of channels.", ""]
-        rows = []
-        for model in report["models"]:
-            for scope in s["scopes"]:
-                for budget in s["budgets"]:
-                    got = [r for r in report["rows"] if r["model"] == model and r["method"] == "random"
-                           and r["scope"] == scope and r["budget"] == budget and "error" not in r]
-                    if not got:
-                        continue
-                    got.sort(key=lambda r: r.get("seed", 0))
-                    sizes = [_resplit(r, "set_size_mean") for r in got]
-                    accs = [r["accuracy"] for r in got]
-                    rows.append([model, scope, budget, " / ".join(f"{a:.3f}" for a in accs),
-                                 " / ".join(fmt(v) for v in sizes),
-                                 f"{min(sizes):.3f}–{max(sizes):.3f}" if None not in sizes else "–"])
-        lines += [common.markdown_table(["model", "scope", "budget", f"accuracy (seeds {', '.join(map(str, seeds))})",
-                                         f"{size_col}, same seeds", "set size range"], rows), ""]
+    lines += seed_table(report, size_col)
     if report["finetune"]:
         ft = s["finetune"]
         cfg = next((r["finetune"] for r in report["finetune"] if "finetune" in r), None)
@@ -643,8 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=None, help=f"subset of {', '.join(common.MODELS)}")
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(DEFAULT_SCOPES),
                         help=f"selection scopes of the one-shot rows (default {' '.join(DEFAULT_SCOPES)})")
-    parser.add_argument("--random-seeds", nargs="*", type=int, default=list(RANDOM_EXTRA_SEEDS), metavar="SEED",
-                        help="also run the random baseline with these seeds (a noise band; default none)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(EXTRA_SEEDS), metavar="SEED",
+                        help=f"also score {', '.join(SEEDED_METHODS)} with these seeds, for the 95 %% interval over "
+                             f"seeds (default {' '.join(map(str, EXTRA_SEEDS))}; none: seed 0 only)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the Markdown next to an existing quality.json")
     args = parser.parse_args(argv)
@@ -660,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     splits = common.make_splits(args.work)
     scopes = tuple(dict.fromkeys(args.scopes))
-    random_seeds = tuple(seed for seed in dict.fromkeys(args.random_seeds) if seed != 0)
+    extra_seeds = tuple(seed for seed in dict.fromkeys(args.seeds) if seed != 0)
     if args.quick:
         # A smoke test of the pipeline, not of quality: its own scratch folder (its model never enters the
         # full run's cache), a few hundred random images of each split, a model trained for 3 short epochs
@@ -688,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
                      "scopes": list(scopes), "alpha": ALPHA, "nonconformity": "lac", "methods": methods,
                      "method_settings": {m: v for m, v in method_settings.items() if m in methods},
                      "per_budget_methods": [m for m in methods if "keep" in registry.info(m).options],
-                     "random_extra_seeds": list(random_seeds),
+                     "extra_seeds": list(extra_seeds), "seeded_methods": [m for m in SEEDED_METHODS if m in methods],
                      "resplit": {"draws": draws, "seed": RESPLIT_SEED, "calib": sizes["calib"], "test": sizes["test"],
                                  "rank": k, "exchangeable_mean_coverage": k / (sizes["calib"] + 1)},
                      "bn_recalibration": "score split", "protect_global": 0.1, "max_layer_ratio": 0.9,
@@ -697,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "iterative_steps": iter_steps},
                      "quick": args.quick},
         "run": common.run_record(sys.argv),
-        "models": {}, "scoring": [], "rows": [], "baselines": [], "finetune": [],
+        "models": {}, "scoring": [], "rows": [], "baselines": [], "tp_matched": [], "finetune": [],
     }
     for model in models:
         folder = work / "quality" / model
@@ -710,8 +737,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{dense_eval['mean_set_size']:.3f} (re-split mean {dense_eval['resplit']['set_size_mean']:.3f}), "
             f"{dense_eval['flops']} FLOPs, {dense_eval['params']} params")
         jobs = [(method, 0) for method in methods]
-        if "random" in methods:
-            jobs += [("random", seed) for seed in random_seeds]  # the noise band of a one-seed baseline
+        jobs += [(method, seed) for method in SEEDED_METHODS if method in methods for seed in extra_seeds]
         scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
         prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
                                   dense_flops=dense_eval["flops"], draws=draws)
@@ -764,6 +790,14 @@ def main(argv: list[str] | None = None) -> None:
                              draws=draws)
                 report["baselines"].append(row)
                 log_row(f"{tp_method} {budget}", row)
+                l1 = scored.get(("l1", 0, None))
+                if tp_method == "tp-l1" and l1 is not None and "error" not in row:
+                    # Torch-Pruning's one knob cannot hit the budget exactly: prunecp's l1 at the FLOPs it reached
+                    log(f"{model}: l1 at tp-l1's FLOPs, {row['flops_kept']:.4f}")
+                    match = prune(l1["path"], method="l1", budget=round(row["flops_kept"], 4), scope="global",
+                                  scoring=l1)
+                    report["tp_matched"].append({**match, "tp_budget": budget})
+                    log_row(f"l1 at {row['flops_kept']:.4f}", match)
         default = (FT_METHOD, FT_SCOPE, None)
         # CE against KD with 1 and 2 epochs (and ConfTr) on the same ranking; then auto's pruning with 1 epoch.
         runs = [("one-shot", loss, epochs, 1, default) for loss in FT_LOSSES
@@ -785,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
         report["load_average"] = {"start": [round(v, 2) for v in load_start],
                                   "end": [round(v, 2) for v in os.getloadavg()]}
         report["complete"] = model == models[-1]
-        for key in ("rows", "baselines", "finetune"):
+        for key in ("rows", "baselines", "tp_matched", "finetune"):
             for r in report[key]:
                 r.pop("path", None)
         common.write_json(out_dir / "quality.json", _jsonable(report))

@@ -39,14 +39,15 @@ class MethodInfo:
 
 _MAGNITUDE_OPTIONS = {
     "members": ("all", "all: every member's weights; filters: the producers' filters only, summed (the old l1)"),
-    "normalise": ("mean", "mean: divide each member's norms by their mean before averaging; none: raw norms"),
+    "normalise": ("none", "none: average the raw norms (Torch-Pruning's group mean); mean: divide each member's "
+                          "norms by their mean first"),
 }
 
 METHODS: dict[str, MethodInfo] = {
     "l1": MethodInfo(
         "prunecp_cli.importance.magnitude:L1Importance",
         "L1 norm of every weight a channel's removal deletes (producers' filters, consumers' input slices, "
-        "norm scales), each member normalised by its mean, averaged over the group's members",
+        "norm scales), averaged over the group's members (Torch-Pruning's group L1)",
         needs_data=False,
         options=_MAGNITUDE_OPTIONS,
     ),
@@ -119,6 +120,11 @@ METHODS: dict[str, MethodInfo] = {
             "truncation": (0.0, "stop a permutation once the mean value is this close to all-off (0: never)"),
             "depth": (1.0, "fraction of each permutation played, from the full layer (1: the Shapley value; 0.5: "
                            "the mean marginal over coalitions of at least half the channels)"),
+            "schedule": ("one-shot", "one-shot: one game per layer; greedy: remove the lowest chunk of each layer, "
+                         "re-play the game on the channels left, repeat"),
+            "remove": (0.5, "schedule=greedy: share of each layer's channels removed greedily"),
+            "chunk": (2, "schedule=greedy: channels removed per layer and round"),
+            "max-rounds": (8, "schedule=greedy: most rounds (games per layer); the chunk grows to fit"),
             "antithetic": (True, "pair every permutation with its reverse"),
             "alpha": (0.1, "value=cp-size: miscoverage of the smooth threshold"),
             "temperature": (1.0, "value=cp-size: soft-set temperature, in -log p units"),
