@@ -181,9 +181,14 @@ def report(
     if timing.ort:
         from prunecp_cli.pipeline.report_ort import deployment_latency
 
+        measured = None
+        if timings["after"] is not None and session.device.type == "cpu":  # the latency row above, not timed twice
+            measured = {timing.batch_size: {"pruned": timings["after"].median_ms,
+                                            "dense": timings["before"].median_ms if timings["before"] else None}}
         with reporter.status("timing PyTorch and ONNX Runtime"):
             deployment = deployment_latency({"dense": dense, "pruned": pruned.cpu()}, example,
-                                            batch_sizes=[1, timing.batch_size], repeats=timing.repeats)
+                                            batch_sizes=[1, timing.batch_size], repeats=timing.repeats,
+                                            measured=measured)
     return ReportData(
         model=str(model),
         baseline=str(baseline) if baseline is not None else ("unpruned architecture" if dense is not None else None),

@@ -28,7 +28,8 @@ def ort_module(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def deployment_latency(models: dict[str, nn.Module | None], example: torch.Tensor, *, batch_sizes: list[int],
-                       repeats: int) -> list[dict[str, Any]]:
+                       repeats: int, measured: dict[int, dict[str, float | None]] | None = None,
+                       ) -> list[dict[str, Any]]:
     """One row per (runtime, batch size): ``{runtime, batch_size, dense_ms, pruned_ms, repeats, threads, device}``.
 
     Args:
@@ -36,6 +37,8 @@ def deployment_latency(models: dict[str, nn.Module | None], example: torch.Tenso
         example: one input (its shape is timed; values are random).
         batch_sizes: the batch sizes to time (duplicates dropped).
         repeats: timed forward passes per measurement.
+        measured: PyTorch CPU medians already taken with ``repeats``, ``{batch size: {"dense": ms, "pruned": ms}}``
+            (``report``'s own latency row): used as they are, so the two tables show one measurement.
     """
     shape = tuple(example.shape[1:])
     runners = {(name, runtime): (model if runtime == "PyTorch" else ort_module(model, example))
@@ -43,7 +46,9 @@ def deployment_latency(models: dict[str, nn.Module | None], example: torch.Tenso
     rows = []
     for runtime in RUNTIMES:
         for batch in dict.fromkeys(batch_sizes):
-            times = {name: measure_latency(runners[(name, runtime)], shape, batch_size=batch, repeats=repeats).median_ms
+            known = (measured or {}).get(batch, {}) if runtime == "PyTorch" else {}
+            times = {name: known[name] if known.get(name) is not None else
+                     measure_latency(runners[(name, runtime)], shape, batch_size=batch, repeats=repeats).median_ms
                      for name in models if (name, runtime) in runners}
             rows.append({"runtime": runtime, "batch_size": batch, "dense_ms": times.get("dense"),
                          "pruned_ms": times["pruned"], "repeats": repeats, "threads": torch.get_num_threads(),

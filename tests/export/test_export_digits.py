@@ -181,6 +181,9 @@ def test_report_ort_times_both_runtimes(work):
     assert [(r["runtime"], r["batch_size"]) for r in rows] == [("PyTorch", 1), ("PyTorch", 8), ("ONNX Runtime", 1),
                                                                ("ONNX Runtime", 8)]
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in rows)
+    # PyTorch at --batch-size is the latency row's own measurement, not a second timing
+    assert (rows[1]["dense_ms"], rows[1]["pruned_ms"]) == (data.latency["before"].median_ms,
+                                                           data.latency["after"].median_ms)
     assert "ONNX Runtime latency (batch 8" in present.render_markdown(data)
     assert json.loads(json.dumps(data.to_json()))["deployment"][2]["runtime"] == "ONNX Runtime"
 
