@@ -27,7 +27,7 @@ from torch import nn
 from prunecp_cli import __version__, dist
 from prunecp_cli.conformal.certificate import load_certificate, validate_certificate
 from prunecp_cli.conformal.predictor import check_model_hash
-from prunecp_cli.errors import CertificationFailed, CheckpointError, UsageError, brief
+from prunecp_cli.errors import CertificateError, CertificationFailed, CheckpointError, UsageError, brief
 from prunecp_cli.io import exported as ex
 from prunecp_cli.io.files import atomic_write_path, sha256_file
 from prunecp_cli.options import DataSource, ModelSource, RunOptions
@@ -156,6 +156,10 @@ def export(
                          "{no_verify} to skip that check", arguments={"data": "data", "no_verify": "no_verify"})
     output = Path(output)
     certificate = validate_certificate(cert) if isinstance(cert, dict) else load_certificate(cert)
+    if certificate.get("groups"):  # per-group thresholds: an export carries one quantile, and no group labels
+        raise CertificateError(f"{cert if not isinstance(cert, dict) else 'the certificate'} is group-conditional "
+                               "(one threshold per --groups label); an export carries one threshold: calibrate "
+                               "without --groups to export")
     if isinstance(cert, dict):
         cert_file, cert_sha = None, hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()
     else:

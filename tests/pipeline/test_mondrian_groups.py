@@ -144,6 +144,9 @@ def test_calibrate_and_certify_groups_on_the_command_line(cli, tmp_path, trained
     assert missing.code == 3 and "--groups" in missing.stderr
     predict = cli("predict", model, "--cert", cert, "--data", digits_files["test"])
     assert predict.code == 3 and "group-conditional" in predict.stderr
+    export = cli("export", model, "--cert", cert, "--format", "pt2", "--data", digits_files["test"],
+                 "-o", tmp_path / "m.pt2")
+    assert export.code == 3 and "group-conditional" in export.stderr and not (tmp_path / "m.pt2").exists()
     both = cli("calibrate", model, "--data", digits_files["calib"], "--groups", tmp_path / "calib_groups.npy",
                "--class-conditional", "-o", tmp_path / "c2.json", "--device", "cpu")
     assert both.code == 2 and "choose one" in both.stderr
