@@ -150,3 +150,33 @@ def test_calibrate_and_certify_groups_on_the_command_line(cli, tmp_path, trained
     both = cli("calibrate", model, "--data", digits_files["calib"], "--groups", tmp_path / "calib_groups.npy",
                "--class-conditional", "-o", tmp_path / "c2.json", "--device", "cpu")
     assert both.code == 2 and "choose one" in both.stderr
+
+
+def test_raps_with_a_chosen_k_reg_keeps_each_point_with_its_group(tmp_path, trained_digits, digits_files):
+    """calibrate(raps, no k_reg, groups): k_reg is chosen on a held-out 20 %, and every group's threshold is the
+    conformal quantile of the tuned RAPS scores of *that group's* remaining points (labels follow the split)."""
+    from prunecp_cli import api
+    from prunecp_cli.conformal.nonconformity import RAPS
+    from prunecp_cli.io.data import split_indices
+    from prunecp_cli.pipeline.calibration import TUNE_FRACTION
+
+    loaded = open_model(trained_digits["safetensors"])
+    model = tmp_path / "model.safetensors"
+    save_model(loaded.model, model, loaded.meta)
+    x, y = load_npz(digits_files["calib"])
+    labels = np.where(y.numpy() % 3 == 0, "third", "other")  # unequal groups, unrelated to the data order
+    np.savetxt(tmp_path / "groups.txt", labels, fmt="%s")
+    cert = api.calibrate(model, api.DataSource(digits_files["calib"], groups=tmp_path / "groups.txt"), alpha=0.1,
+                         nonconformity="raps", run=api.RunOptions(device="cpu", seed=3))
+    tuning = cert["nonconformity"]["tuning"]
+    _, rest = split_indices(len(y), [TUNE_FRACTION, 1 - TUNE_FRACTION], seed=3)
+    rest = np.asarray(rest)
+    assert tuning["n"] == len(y) - len(rest) and sum(cert["groups"]["counts"]) == len(rest)
+    with torch.no_grad():
+        logits = loaded.model.eval()(x)
+    scores = RAPS(k_reg=tuning["value"]).label_scores(logits[torch.from_numpy(rest)], y[torch.from_numpy(rest)])
+    for i, name in enumerate(cert["groups"]["labels"]):
+        mine = sorted(float(s) for s, g in zip(scores, labels[rest], strict=True) if g == name)
+        k = math.ceil((len(mine) + 1) * 0.9)
+        assert cert["groups"]["counts"][i] == len(mine) and cert["groups"]["rank"][i] == k
+        assert cert["groups"]["quantile"][i] == pytest.approx(mine[k - 1], rel=1e-5)
