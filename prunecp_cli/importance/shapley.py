@@ -266,12 +266,12 @@ class ShapleyImportance(Importance):
         max_rows = int(opts["max-rows"])
         antithetic = bool(opts["antithetic"])
         draws = max(1, math.ceil(samples / (2 if antithetic else 1)))
-        if draws < 2:
-            ctx.reporter.warn(f"--opt samples={samples} gives a single independent draw: no std_error is written; "
-                              "use samples >= 3 for standard errors")
         schedule = str(opts["schedule"])
         if schedule not in SCHEDULES:
             raise UsageError(f"--opt schedule={schedule}: use one of {', '.join(SCHEDULES)}")
+        if draws < 2 and schedule != "greedy":
+            ctx.reporter.warn(f"--opt samples={samples} gives a single independent draw: no std_error is written; "
+                              "use samples >= 3 for standard errors")
         mine = _my_groups(ctx.groups)
         results: dict[str, GroupShapley] = {}
         play = functools.partial(_draws, samples=samples, antithetic=antithetic, truncation=truncation or None,
@@ -297,7 +297,7 @@ class ShapleyImportance(Importance):
             error = result.std_error if result else torch.zeros(channels, dtype=torch.float64)
             combined = ctx.reduce(torch.stack([local, error]).to(ctx.device)).cpu()
             scores[group.name] = combined[0]
-            if draws >= 2:
+            if draws >= 2 and schedule != "greedy":  # greedy: the scores are removal rounds, no errors
                 ctx.extras.setdefault(group.name, {})["std_error"] = combined[1].tolist()
         return scores
 
