@@ -74,6 +74,7 @@ import contextlib
 import functools
 import json
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -456,9 +457,7 @@ def seed_table(report: dict[str, Any], size_col: str) -> list[str]:
                 if len(sizes) < 2 or None in sizes:
                     cells.append("–")
                     continue
-                mean = sum(sizes) / len(sizes)
-                sd = math.sqrt(sum((v - mean) ** 2 for v in sizes) / (len(sizes) - 1))
-                half = T_975[len(sizes) - 1] * sd / math.sqrt(len(sizes))
+                mean, half = statistics.mean(sizes), T_975[len(sizes) - 1] * statistics.stdev(sizes) / math.sqrt(len(sizes))
                 cells.append(f"{mean:.3f} ± {half:.3f} ({' / '.join(f'{v:.3f}' for v in sizes)})")
             rows.append(cells)
     return lines + [common.markdown_table(["model", "budget", *methods], rows), ""]
@@ -542,8 +541,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"score split ({s['split_sizes']['score']} images).",
         "* Scoring time = wall-clock seconds of `api.score` (for `cluster`, per budget).",
         *([f"* {', '.join(f'`{m}`' for m in s['seeded_methods'])} (whose channels depend on the seed) are scored "
-           f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}; the tables show seed 0, and the last one-shot "
-           "table the mean over the seeds with its 95 % interval."] if s.get("extra_seeds") else []),
+           f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}; the other tables show seed 0, the \"Over "
+           "scoring seeds\" table the mean over the seeds with its 95 % interval."] if s.get("extra_seeds") else []),
         "* A mean set size below 1 means some LAC sets are empty (the fixed split's fraction is in quality.json as "
         "`empty_set_fraction`).",
         "* One training seed and one draw of channels per method: differences of a few hundredths in accuracy "

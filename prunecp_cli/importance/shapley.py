@@ -269,12 +269,13 @@ class ShapleyImportance(Importance):
         schedule = str(opts["schedule"])
         if schedule not in SCHEDULES:
             raise UsageError(f"--opt schedule={schedule}: use one of {', '.join(SCHEDULES)}")
-        if draws < 2 and schedule != "greedy":
+        errors = schedule == "one-shot" and draws >= 2  # greedy scores are removal rounds: no errors to write
+        if schedule == "one-shot" and not errors:
             ctx.reporter.warn(f"--opt samples={samples} gives a single independent draw: no std_error is written; "
                               "use samples >= 3 for standard errors")
         mine = _my_groups(ctx.groups)
         results: dict[str, GroupShapley] = {}
-        play = functools.partial(_draws, samples=samples, antithetic=antithetic, truncation=truncation or None,
+        play = functools.partial(draw_estimates, samples=samples, antithetic=antithetic, truncation=truncation or None,
                                  max_masks=max(1, max_rows // len(y)), depth=depth)
         with MaskedEvaluator(ctx.model, ctx.groups, max_rows=max_rows) as evaluator:
             evaluator.prepare(x)
@@ -282,7 +283,7 @@ class ShapleyImportance(Importance):
             if schedule == "greedy":
                 greedy = Greedy(scope="local", remove=float(opts["remove"]), chunk=int(opts["chunk"]),
                                 max_rounds=int(opts["max-rounds"]))
-                self._greedy(ctx, games, mine, results, play, greedy, how)
+                self._greedy(ctx, games, results, play, greedy, how)
             else:
                 work = self._play(ctx, games, results, play)
                 total = sum(draws for g in ctx.groups if g.name in mine)
@@ -297,7 +298,7 @@ class ShapleyImportance(Importance):
             error = result.std_error if result else torch.zeros(channels, dtype=torch.float64)
             combined = ctx.reduce(torch.stack([local, error]).to(ctx.device)).cpu()
             scores[group.name] = combined[0]
-            if draws >= 2 and schedule != "greedy":  # greedy: the scores are removal rounds, no errors
+            if errors:
                 ctx.extras.setdefault(group.name, {})["std_error"] = combined[1].tolist()
         return scores
 
@@ -314,10 +315,10 @@ class ShapleyImportance(Importance):
             results[group.name] = combine_draws(draws)
 
     @staticmethod
-    def _greedy(ctx, games, mine, results, play, greedy, how):
+    def _greedy(ctx, games, results, play, greedy, how):
         """Fill ``results`` with greedy-schedule scores (:func:`greedy_shapley`)."""
         positions = {g.name: i for i, g in enumerate(ctx.groups)}
-        channels = {g.name: g.channels for g in ctx.groups if g.name in mine}
+        channels = {g.name: g.channels for g in ctx.groups if g.name in games}
         with ctx.reporter.status(f"shapley, greedy: {len(channels)} group(s), chunks of {greedy.chunk}"):
             scores, rounds = greedy_shapley(games, channels, play, greedy, how,
                                             generator=lambda name, r: group_generator(ctx.seed, positions[name] + r))
@@ -359,12 +360,6 @@ def greedy_shapley(games: dict[str, ValueFn], channels: dict[str, int], play: Ca
 
     scores, extras = greedy_scores(channels, measure, dataclasses.replace(greedy, scope="local"))
     return scores, {name: extras[name]["round"] for name in scores}
-
-
-def _draws(game: ValueFn, channels: int, *, generator: torch.Generator, samples: int, antithetic: bool,
-           truncation: float | None, max_masks: int, depth: float) -> Iterator[ShapleyEstimate]:
-    return draw_estimates(game, channels, samples=samples, generator=generator, antithetic=antithetic,
-                          truncation=truncation, max_masks=max_masks, depth=depth)
 
 
 def _sub_game(game: ValueFn, players: torch.Tensor, channels: int) -> ValueFn:
