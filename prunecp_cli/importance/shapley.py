@@ -225,9 +225,11 @@ def estimate_group(value_fn: ValueFn, channels: int, *, samples: int, generator:
                                              antithetic=antithetic, truncation=truncation, max_masks=max_masks)))
 
 
-def group_generator(seed: int, position: int) -> torch.Generator:
-    """The permutation generator of the group at ``position``: independent of the other groups."""
-    state = np.random.SeedSequence([int(seed), int(position)]).generate_state(2, dtype=np.uint32)
+def group_generator(seed: int, position: int, round_: int = 0) -> torch.Generator:
+    """The permutation generator of the group at ``position`` (in greedy round ``round_`` > 0): independent of
+    the other groups and rounds."""
+    entropy = [int(seed), int(position)] + ([int(round_)] if round_ else [])  # round 0: the one-shot stream
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -321,7 +323,7 @@ class ShapleyImportance(Importance):
         channels = {g.name: g.channels for g in ctx.groups if g.name in games}
         with ctx.reporter.status(f"shapley, greedy: {len(channels)} group(s), chunks of {greedy.chunk}"):
             scores, rounds = greedy_shapley(games, channels, play, greedy, how,
-                                            generator=lambda name, r: group_generator(ctx.seed, positions[name] + r))
+                                            generator=lambda name, r: group_generator(ctx.seed, positions[name], r))
         for name, score in scores.items():
             ctx.extras.setdefault(name, {})["round"] = rounds[name]
             results[name] = GroupShapley(per_example=score[None, :], std_error=torch.full_like(score, torch.nan),
