@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allocations", nargs="+", default=["rank", "measured"])
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, as prune's --opt (e.g. depth=0.5 for shapley)")
+    parser.add_argument("--max-samples", type=int, default=None, help="score examples the methods use (default all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="scoring seeds (--seed of prune)")
     parser.add_argument("--work", type=Path, default=common.DEFAULT_OUT)
     args = parser.parse_args(argv)
     common.set_threads()
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu = torch.device("cpu")
     for name in args.models:
         dense, _ = common.dense_model(name, splits, args.work)
-        for method in args.methods:
+        for method, seed in ((m, s) for m in args.methods for s in args.seeds):
             setup = prepare(ModelSource(dense), method=method, options=parse_options(method, args.opt),
-                            data=DataSource(splits["score"]),
-                            policy=Policy(scope="global", protect=0.1), run=RunOptions(device="cpu"))
+                            data=DataSource(splits["score"], max_samples=args.max_samples),
+                            policy=Policy(scope="global", protect=0.1), run=RunOptions(device="cpu", seed=seed))
             for budget in args.budgets:
                 for text in args.allocations:
                     model = copy.deepcopy(setup.session.model)
@@ -110,13 +112,13 @@ def main(argv: list[str] | None = None) -> None:
                     removal = select(graph.groups, keys, policy=policy, target_flops=budget, flops_model=flops)
                     seconds = time.perf_counter() - start
                     apply_removal(graph, removal)
-                    recalibrate_model(model, setup.session.data, device=cpu, batch_size=128)
+                    recalibrate_model(model, open_dataset(splits["score"]), device=cpu, batch_size=128)
                     logits, labels = collect_logits(model, open_dataset(held_out), device=cpu, batch_size=256,
                                                     num_classes=10)
                     size = resplit_set_size(logits, labels, alpha=0.1, resplits=500, seed=1)["set_size"]
                     accuracy = float((logits.argmax(1) == labels).double().mean())
                     kept = count_flops(model, setup.session.example) / setup.flops_before
-                    print(f"{name} {method} {budget} {text}: set size {size:.3f}, accuracy {accuracy:.3f}, FLOPs kept "
+                    print(f"{name} {method} seed {seed} {budget} {text}: set size {size:.3f}, accuracy {accuracy:.3f}, FLOPs kept "
                           f"{kept:.3f}, allocation {seconds:.1f} s, removed per group "
                           f"{[len(v) for v in removal.values()]}", flush=True)
 

@@ -354,6 +354,20 @@ def finetune_row(dense: Path, splits: dict[str, Path], folder: Path, *, model: s
     return row
 
 
+def only_candidate(scores: Path, chosen: str, folder: Path) -> Path:
+    """A copy of auto's importance.json whose only candidate is ``chosen`` (its one-shot choice at a budget).
+
+    ``prune`` on it allocates and prunes exactly as the full ``auto`` run did for its winner (every candidate is
+    allocated on its own copy of the model, deterministically) without re-allocating the losers, so the
+    fine-tuning rows start from the same pruned model as the one-shot row at the cost of one candidate.
+    """
+    table = json.loads(scores.read_text(encoding="utf-8"))
+    table["params"] = {**table["params"], "candidates": chosen}
+    path = folder / f"importance-auto-only-{chosen}.json"
+    common.write_json(path, table)
+    return path
+
+
 def log_row(label: str, row: dict[str, Any]) -> None:
     """One progress line for an audited row (nothing for a failed one: it logged its error)."""
     if "error" not in row:
@@ -768,6 +782,7 @@ def main(argv: list[str] | None = None) -> None:
                         report["rows"].append(row)
                         log_row(f"{scope:<6} {budget}", row)
         auto = scored.get(("auto", 0, None))
+        auto_ft_scores = None
         if auto is not None and not args.quick:  # the recommended setting: auto with measured shares
             for budget in budgets:
                 log(f"{model}: auto, global scope, --allocation measured, {budget}")
@@ -775,6 +790,8 @@ def main(argv: list[str] | None = None) -> None:
                             allocation="measured")
                 report["rows"].append(row)
                 log_row(f"measured {budget}", row)
+                if budget == ft_budget and "error" not in row:
+                    auto_ft_scores = only_candidate(auto["path"], row["auto"]["chosen"], folder)
         baseline = scored.get((FT_METHOD, 0, None))
         if FT_SCOPE not in scopes and baseline is not None:  # the fine-tuning table's one-shot 'none' row
             log(f"{model}: one-shot {FT_METHOD}, {FT_SCOPE} scope, {ft_budget}: the fine-tuning baseline")
@@ -800,8 +817,8 @@ def main(argv: list[str] | None = None) -> None:
         # CE against KD with 1 and 2 epochs (and ConfTr) on the same ranking; then auto's pruning with 1 epoch.
         runs = [("one-shot", loss, epochs, 1, default) for loss in FT_LOSSES
                 for epochs in sorted({1, ft_epochs}) if loss != "conftr" or epochs == ft_epochs]
-        if auto is not None and not args.quick:
-            runs += [("one-shot", loss, 1, 1, ("auto", AUTO_FT_SCOPE, auto["path"])) for loss in ("ce", "kd")]
+        if auto_ft_scores is not None:
+            runs += [("one-shot", loss, 1, 1, ("auto", AUTO_FT_SCOPE, auto_ft_scores)) for loss in ("ce", "kd")]
         if model == iter_model:
             runs.append((f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps, default))
             if not args.quick:  # the same total epochs in one shot (the smoke run skips this control)

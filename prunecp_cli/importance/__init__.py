@@ -91,6 +91,7 @@ METHODS: dict[str, MethodInfo] = {
             "schedule": ("greedy", "greedy: remove the cheapest chunk, re-score the rest with it silenced, repeat; "
                          "one-shot: every channel alone"),
             "scope": ("auto", "greedy across all groups (global) or within each (local); auto: prune's --scope"),
+            "per": ("channel", "global greedy: rank by efficiency cost per channel (channel) or per FLOP saved (flop; measured worse on the benchmark)"),
             "remove": (0.5, "share of channels the greedy schedule removes (local: of each group; global: of all)"),
             "chunk": (2, "channels removed per greedy round (local: per group; global: in all)"),
             "max-rounds": (16, "most greedy rounds (masked passes over the data); the chunk grows to fit"),
@@ -116,10 +117,10 @@ METHODS: dict[str, MethodInfo] = {
         options={
             "samples": (5, "permutations per group (rounded up to even: antithetic pairs)"),
             "value": ("loss", "game value: loss (-cross-entropy) or cp-size (-smooth conformal set size; new)"),
-            "aggregate": ("mean", "over examples: mean, or mean+2std (favours channels vital to a few examples)"),
+            "aggregate": ("mean+2std", "over examples: mean+2std (favours channels vital to a few examples), or mean"),
             "truncation": (0.0, "stop a permutation once the mean value is this close to all-off (0: never)"),
-            "depth": (1.0, "fraction of each permutation played, from the full layer (1: the Shapley value; 0.5: "
-                           "the mean marginal over coalitions of at least half the channels)"),
+            "depth": (0.5, "fraction of each permutation played, from the full layer (0.5: the mean marginal over "
+                           "coalitions of at least half the channels; 1: the Shapley value)"),
             "schedule": ("one-shot", "one-shot: one game per layer; greedy: remove the lowest chunk of each layer, "
                          "re-play the game on the channels left, repeat"),
             "remove": (0.5, "schedule=greedy: share of each layer's channels removed greedily"),

@@ -24,6 +24,9 @@ top of the network becomes when f is silenced (Zhao, Farjudian & Bellotti, Neuro
   redundancy, so the cheapest ``chunk`` channels are silenced, every remaining channel is re-scored
   with them silenced, and so on until ``remove`` of the channels are gone (``scope`` local: within
   each group, the other groups intact; global: across all groups, every removal so far silenced).
+  With global scope the pick is by cost alone (option ``per``, default ``channel``); ``per=flop`` ranks by
+  cost per FLOP saved instead. Measured at 0.5 / 0.3 of the FLOPs on the benchmark (200 score images),
+  ``flop`` was worse: VGG 1.429 / 4.999 and ResNet 6.454 / 7.656 against 1.138 / 2.437 and 1.461 / 3.123.
   The score of a channel is its removal round plus its position within the round, so the ranking is
   the greedy removal order; the survivors follow, by their last costs. ``schedule=one-shot`` returns
   c_f of every channel alone (the estimator of the paper). ``scope=auto`` takes prune's ``--scope``
@@ -79,13 +82,15 @@ class CPBruteForceImportance(Importance):
         calibration = split_masks(rows, settings.fraction, settings.resplits, ctx.seed)
         _check_size(ctx, int(calibration[0].sum()), settings.alpha, settings.max_gb)
         channels = {g.name: g.channels for g in ctx.groups}
+        greedy = settings.greedy
+        saved = _flops_saved(ctx) if greedy is not None and greedy.scope == "global" and settings.per == "flop" else None
         with MaskedEvaluator(ctx.model, ctx.groups, max_rows=settings.max_rows) as ev:
             def measure(alive: dict[str, torch.Tensor], active: set[str] | None = None) -> dict[str, torch.Tensor]:
                 return _costs(ctx, ev, data, alive, calibration, settings, active)
 
-            if settings.greedy is None:
+            if greedy is None:
                 return measure({name: torch.ones(c, dtype=torch.bool) for name, c in channels.items()})
-            scores, extras = greedy_scores(channels, measure, settings.greedy)
+            scores, extras = greedy_scores(channels, measure, greedy, saved)
         for name, values in extras.items():
             ctx.extras.setdefault(name, {}).update(values)
         return scores
@@ -101,6 +106,7 @@ class _Settings:
     max_rows: int
     max_gb: float
     greedy: Greedy | None  # None: one-shot
+    per: str  # global greedy: cost per "flop" saved or per "channel"
 
 
 def _settings(opts: dict) -> _Settings:
@@ -112,6 +118,9 @@ def _settings(opts: dict) -> _Settings:
         raise UsageError(f"--opt schedule={schedule}: use greedy or one-shot")
     if scope not in ("auto", "local", "global"):
         raise UsageError(f"--opt scope={scope}: use auto, local or global")
+    per = str(opts["per"])
+    if per not in ("flop", "channel"):
+        raise UsageError(f"--opt per={per}: use flop or channel")
     fraction, remove = float(opts["cal-fraction"]), float(opts["remove"])
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"--opt cal-fraction={fraction} must lie in (0, 1)")
@@ -126,7 +135,27 @@ def _settings(opts: dict) -> _Settings:
         scope="global" if scope == "global" else "local", remove=remove, chunk=int(opts["chunk"]),
         max_rounds=int(opts["max-rounds"]))
     return _Settings(float(opts["alpha"]), measure, float(opts["temperature"]), fraction, int(opts["resplits"]),
-                     int(opts["max-rows"]), float(opts["max-memory-gb"]), greedy)
+                     int(opts["max-rows"]), float(opts["max-memory-gb"]), greedy, per)
+
+
+def _flops_saved(ctx: ImportanceContext):
+    """``alive masks -> FLOPs one more channel of each group would save`` (:class:`FlopsModel`, exact for
+    conv/linear/normalisation layers)."""
+    from prunecp_cli.measure import flops_by_module
+    from prunecp_cli.surgery.select import FlopsModel
+
+    flops = FlopsModel(ctx.model, ctx.groups, flops_by_module(ctx.model, ctx.graph.example))
+
+    def saved(alive: dict[str, torch.Tensor]) -> dict[str, float]:
+        removal = {g: (~a).nonzero().squeeze(1).tolist() for g, a in alive.items()}
+        now = flops(removal)
+        out = {}
+        for g, a in alive.items():
+            live = a.nonzero().squeeze(1)
+            out[g] = now - flops({**removal, g: [*removal[g], int(live[0])]}) if len(live) else 0.0
+        return out
+
+    return saved
 
 
 @torch.no_grad()

@@ -7,7 +7,11 @@ One-at-a-time effects miss redundancy: two channels that can each go alone canno
    remaining channel f (one masked pass per round, the removed channels already silenced);
 2. silence the ``chunk`` channels of lowest cost: with ``scope="local"`` the lowest of each group
    (every group in the same round, so each sees the others' removals), with ``scope="global"`` the
-   lowest over all groups (their costs are changes of the same network's efficiency, one scale);
+   lowest over all groups (their costs are changes of the same network's efficiency, one scale).
+   Given ``saved`` (the FLOPs one more channel of each group would save, at the current removals),
+   the global pick ranks by cost per FLOP saved instead: a positive cost is divided by the group's
+   saving relative to the mean saving, a negative one (removing it helps) multiplied by it, so among
+   equally cheap channels the ones that save more FLOPs go first;
 3. repeat until ``remove`` of the channels are gone (local: of each group; global: of all), never
    a group's last channel.
 
@@ -48,8 +52,13 @@ def _positions(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+Saved = Callable[[dict[str, torch.Tensor]], dict[str, float]]
+"""``alive masks -> FLOPs that removing one more channel of each group would save``."""
+
+
 def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.Tensor], set[str]], Costs],
-                  settings: Greedy) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[float]]]]:
+                  settings: Greedy, saved: Saved | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[float]]]]:
     """Scores whose ascending order is the greedy removal order, and per-group extras.
 
     Args:
@@ -57,6 +66,7 @@ def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.T
         measure: costs of every alive channel of the given groups, given the alive masks
             (``{group: [C] bool}``) and the groups to measure (local scope skips finished groups).
         settings: scope, share to remove, chunk and round cap.
+        saved: with global scope, rank by cost per FLOP saved (see module docstring); None: by cost.
 
     Returns:
         ``(scores, extras)``; extras hold each channel's ``round`` (−1: kept) and its ``cost`` in
@@ -91,7 +101,7 @@ def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.T
         if not pending:
             break
         if settings.scope == "global":
-            picks = _global_pick(alive, cost, cap, min(chunk, target - done))
+            picks = _global_pick(alive, _per_flop(cost, alive, saved), cap, min(chunk, target - done))
         else:
             picks = [[(g, f) for f in _local_pick(alive[g], cost[g], min(chunk_of[g], target_of[g] - int((~alive[g]).sum())))]
                      for g in channels]
@@ -102,10 +112,25 @@ def greedy_scores(channels: dict[str, int], measure: Callable[[dict[str, torch.T
                 within[g][f] = position / len(pick)
                 done += 1
         r += 1
-    _rank_survivors(alive, cost, within, settings.scope)
+    _rank_survivors(alive, _per_flop(cost, alive, saved) if settings.scope == "global" else cost, within,
+                    settings.scope)
     scores = {g: torch.where(alive[g], float(r), rounds[g].double()) + within[g] for g in channels}
     extras = {g: {"round": rounds[g].double().tolist(), "cost": cost[g].tolist()} for g in channels}
     return scores, extras
+
+
+def _per_flop(cost: Costs, alive: Costs, saved: Saved | None) -> Costs:
+    """Costs per FLOP saved, on the scale of the mean saving (``cost`` itself when ``saved`` is None)."""
+    if saved is None:
+        return cost
+    per_group = saved({g: a.clone() for g, a in alive.items()})
+    live = [per_group[g] for g in alive if bool(alive[g].any())]
+    mean = sum(live) / len(live) if live else 1.0
+    out = {}
+    for g, c in cost.items():
+        relative = max(per_group.get(g, 0.0), 1e-9 * max(mean, 1.0)) / max(mean, 1e-12)
+        out[g] = torch.where(c >= 0, c / relative, c * relative)
+    return out
 
 
 def _local_pick(alive: torch.Tensor, costs: torch.Tensor, count: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from testsupport import heldout_set_size
 
 from prunecp_cli import importance as registry
 from prunecp_cli.conformal.nonconformity import LAC, prediction_sets
@@ -139,23 +140,6 @@ def test_refuses_too_few_examples_and_too_much_memory_with_a_fix(trained_digits,
         method(_context(model, data, options={"measure": "coverage"}))
 
 
-def _heldout_set_size(model, group, removed, digits_files, *, draws=200):
-    """Mean LAC set size (α = 0.1) over ``draws`` re-splits of the held-out calib ∪ test data, ``removed`` zeroed."""
-    from testsupport import load_npz
-
-    from prunecp_cli.importance.cp_resplit import resplit_efficiency, split_masks
-
-    (xc, yc), (xt, yt) = load_npz(digits_files["calib"]), load_npz(digits_files["test"])
-    x, y = torch.cat([xc, xt]), torch.cat([yc, yt])
-    mask = torch.ones(group.channels)
-    mask[removed] = 0.0
-    with ChannelGates(model, [group]) as gates, torch.no_grad():
-        gates.set(group.name, mask)
-        logits = model(x)
-    splits = split_masks(np.arange(len(y)), 0.5, draws, seed=123)
-    return float(resplit_efficiency(logits[None], y, splits, alpha=0.1, measure="size")[0])
-
-
 @pytest.mark.parametrize("layer", ["features.0.0", "features.1.0"])
 def test_removing_a_layers_lowest_quarter_beats_taylor_and_l1_on_held_out_data(trained_digits, digits_files, layer):
     """The issue's criterion: greedy, re-split-averaged cp-bruteforce picks a better quarter than taylor or l1.
@@ -176,7 +160,7 @@ def test_removing_a_layers_lowest_quarter_beats_taylor_and_l1_on_held_out_data(t
         ctx = ImportanceContext(model=model, graph=graph, data=data, options=registry.parse_options(
             method, [f"{k}={v}" for k, v in options.items()]))
         lowest = torch.sort(registry.create(method)(ctx)[layer].double(), stable=True).indices[:quarter]
-        sizes[method] = _heldout_set_size(model, group, lowest.tolist(), digits_files)
+        sizes[method] = heldout_set_size(model, group, lowest.tolist(), digits_files)
     assert sizes["cp-bruteforce"] < min(sizes["taylor"], sizes["l1"]), sizes
 
 
@@ -226,6 +210,50 @@ def test_global_greedy_uses_one_scale_and_keeps_a_channel_per_group():
     assert registry.comparable_across_groups("cp-bruteforce", registry.bind_scope(
         "cp-bruteforce", registry.parse_options("cp-bruteforce", []), "global"))
     assert not registry.comparable_across_groups("cp-bruteforce", registry.parse_options("cp-bruteforce", []))
+
+
+def test_global_greedy_per_flop_removes_the_channels_cheapest_per_flop_saved():
+    from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
+
+    # a's channels save 4 FLOPs each, b's 1: at equal cost a goes first; a cost twice b's but 4 times the
+    # saving still goes first; a negative cost (removal helps) goes before any positive one, the larger
+    # saving first
+    costs = {"a": torch.tensor([0.2, 0.1, 0.9, 0.9]), "b": torch.tensor([0.1, -0.1, 0.5, 0.5])}
+    saved = lambda alive: {"a": 4.0, "b": 1.0}  # noqa: E731
+    settings = Greedy(scope="global", remove=0.5, chunk=1)
+    scores, _ = greedy_scores({"a": 4, "b": 4}, lambda alive, active: costs, settings, saved)
+    order = [(g, i) for _, g, i in sorted((float(v), g, i) for g, s in scores.items() for i, v in enumerate(s))]
+    # per FLOP, relative to the mean saving 2.5: a -> cost / 1.6, b -> cost / 0.4 (negative: times 0.4)
+    assert order[:4] == [("b", 1), ("a", 1), ("a", 0), ("b", 0)]
+    plain, _ = greedy_scores({"a": 4, "b": 4}, lambda alive, active: costs, settings)
+    assert [(g, i) for _, g, i in sorted((float(v), g, i) for g, s in plain.items() for i, v in enumerate(s))][:3] == [
+        ("b", 1), ("a", 1), ("b", 0)]
+
+
+def test_flops_saved_is_the_measured_saving_of_one_more_channel(residual_model, digits_files):
+    import copy
+
+    from prunecp_cli.importance.cp_bruteforce import _flops_saved
+    from prunecp_cli.measure import count_flops
+    from prunecp_cli.surgery.plan import apply_removal
+
+    data = open_dataset(digits_files["score"])
+    ctx = _context(residual_model, data)
+    example = data.first_batch(1).x
+    alive = {g.name: torch.ones(g.channels, dtype=torch.bool) for g in ctx.groups}
+    first = ctx.groups[0].name
+    alive[first][:2] = False  # two channels of the first group already gone
+    saved = _flops_saved(ctx)(alive)
+    before = copy.deepcopy(residual_model)
+    apply_removal(ModelGraph(before, example), {first: [0, 1]})
+    base = count_flops(before, example)
+    for group in ctx.groups:  # depthwise, residual and concatenated groups alike
+        pruned = copy.deepcopy(residual_model)
+        live = alive[group.name].nonzero().squeeze(1).tolist()
+        removal = {first: [0, 1]}
+        removal[group.name] = [*removal.get(group.name, []), live[0]]
+        apply_removal(ModelGraph(pruned, example), removal)
+        assert saved[group.name] == pytest.approx(base - count_flops(pruned, example), rel=1e-6), group.name
 
 
 def test_resplit_average_over_one_split_is_the_single_split_efficiency(trained_digits, digits_files):
