@@ -210,15 +210,12 @@ def test_default_game_prunes_better_than_random_and_the_plain_shapley_value(tmp_
 
     def set_size(method: str, options: dict, seed: int = 0) -> float:
         out = tmp_path / f"{method}-{len(options)}-{seed}.safetensors"
-        api.prune(trained_digits["safetensors"], out, method=method, options=options,
-                  data=api.DataSource(digits_files["score"], max_samples=None),
+        api.prune(trained_digits["safetensors"], out, method=method, options=options, data=digits_files["score"],
                   pruning=api.PruneOptions(target_flops=0.5, scope="global"), run=api.RunOptions(seed=seed))
-        sizes = []
-        for name in ("calib", "test"):
-            logits, labels = collect_logits(load_model(out).eval(), open_dataset(digits_files[name]),
-                                            device=torch.device("cpu"), batch_size=256, num_classes=10)
-            sizes.append((logits, labels))
-        logits, labels = torch.cat([s[0] for s in sizes]), torch.cat([s[1] for s in sizes])
+        model = load_model(out).eval()
+        parts = [collect_logits(model, open_dataset(digits_files[name]), device=torch.device("cpu"), batch_size=256,
+                                num_classes=10) for name in ("calib", "test")]
+        logits, labels = (torch.cat(part) for part in zip(*parts, strict=True))
         splits = split_masks(np.arange(len(labels)), 0.5, 200, seed=123)
         return float(resplit_efficiency(logits[None], labels, splits, alpha=0.1, measure="size")[0])
 
