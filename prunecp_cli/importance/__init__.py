@@ -147,6 +147,7 @@ METHODS: dict[str, MethodInfo] = {
                               "filter weights (weight: a function of mean and variance)"),
             "restarts": (10, "k-means++ seedings per clustering"),
             "bn-recalibrate": (True, "re-estimate BatchNorm per DE candidate, as prune does (one more pass each)"),
+            "tiebreak": ("l1", "order channels with equal crowding scores by group L1 magnitude (l1) or by index"),
         },
     ),
 }

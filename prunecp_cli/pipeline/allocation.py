@@ -24,8 +24,10 @@ removed chunk, each about (number of groups) passes of the network's tail over `
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import hashlib
 import math
 
 import numpy as np
@@ -109,65 +111,123 @@ def measured_keys(model: torch.nn.Module, groups: list[ChannelGroup], scores: di
                   data: Dataset, *, policy: Policy, flops_model: FlopsModel, goal: float, allocation: Allocation,
                   batch_size: int = 128,
                   reporter: Reporter = SILENT) -> dict[str, torch.Tensor]:
-    """Per group, one key per channel: the greedy removal order (module docstring), on one scale for all groups."""
-    folded, folded_scores = fold(groups, scores)
-    by_name = {g.name: g for g in groups}
-    order = {g.name: order_channels(folded_scores[g.name]) for g in folded}
-    cap = {g.name: policy_of(policy, g).max_removable(g.channels) if by_name[g.name].channel_groups else 0
-           for g in folded}
-    removed = {g.name: 0 for g in folded}
-    keys = {g.name: torch.zeros(g.channels, dtype=torch.float64) for g in folded}
+    """Per group, one key per channel: the greedy removal order (module docstring), on one scale for all groups.
+
+    The greedy path does not depend on the goal, only where it stops, so one process that allocates
+    the same model, scores, data and settings for several goals (a budget sweep, ``auto``'s
+    candidates re-run at another budget) walks the path once: the last :data:`CACHED_PATHS` paths are
+    kept, a smaller goal resumes one, a larger goal reads its prefix. The keys equal a fresh run's.
+    """
     was_on = next(iter(model.parameters())).device
     rows = np.sort(np.random.default_rng(0).permutation(len(data))[: allocation.examples])
     batches = [b.x.to(was_on) for b in data.subset(rows).batches(batch_size, device=was_on)]
+    key = _fingerprint(model, groups, scores, batches, (policy, allocation, flops_model.total))
+    path = _PATHS.pop(key, None) or _Path(groups, scores, policy, flops_model, allocation.step, allocation.lazy)
+    _PATHS[key] = path
+    while len(_PATHS) > CACHED_PATHS:
+        _PATHS.popitem(last=False)
+    if path.flops > goal * flops_model.total and not path.exhausted:
+        with reporter.status("allocation: measuring each group's next channels"):
+            path.advance(goal * flops_model.total, _Damage(model, groups, batches))
+    return path.keys(goal * flops_model.total)
 
-    def next_count(g: ChannelGroup) -> int:  # at least one --round-to block, so rounding cannot stall a group
-        rules = policy_of(policy, g)
-        chunk = max(rules.round_to, math.ceil(allocation.step * g.channels - 1e-9))
-        return rules.rounded(g.channels, min(cap[g.name], removed[g.name] + chunk))
 
-    def removal(counts: dict[str, int]) -> Removal:
-        return unfold(groups, {name: order[name][:n].tolist() for name, n in counts.items()})
+#: Greedy paths kept per process (``auto`` allocates three candidates per budget).
+CACHED_PATHS = 6
+_PATHS: collections.OrderedDict[str, _Path] = collections.OrderedDict()
 
-    def mask(name: str, count: int) -> torch.Tensor:
-        full = torch.ones(by_name[name].channels)
-        full[unfold([by_name[name]], {name: order[name][:count].tolist()})[name]] = 0.0
+
+def _fingerprint(model: torch.nn.Module, groups: list[ChannelGroup], scores: dict[str, torch.Tensor],
+                 batches: list[torch.Tensor], settings: tuple) -> str:
+    """A digest of what the greedy path depends on: the model's structure and tensors, groups, scores, data, settings."""
+    digest = hashlib.sha256(repr((type(model).__qualname__, str(model), settings,
+                                  [(g.name, g.channels, g.channel_groups) for g in groups])).encode())
+    tensors = [*model.state_dict().values(), *(scores[g.name] for g in groups), *batches]
+    for tensor in tensors:
+        digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Path:
+    """The greedy removal path of one allocation (module docstring), resumable and readable at any goal.
+
+    ``steps`` holds, per accepted candidate, ``(group, removed before, removed after, FLOPs after)``.
+    """
+
+    def __init__(self, groups: list[ChannelGroup], scores: dict[str, torch.Tensor], policy: Policy,
+                 flops_model: FlopsModel, step: float, lazy: bool) -> None:
+        self.groups, self.policy, self.flops_model, self.step, self.lazy = groups, policy, flops_model, step, lazy
+        self.folded, folded_scores = fold(groups, scores)
+        self.by_name = {g.name: g for g in groups}
+        self.order = {g.name: order_channels(folded_scores[g.name]) for g in self.folded}
+        self.cap = {g.name: policy_of(policy, g).max_removable(g.channels) if self.by_name[g.name].channel_groups
+                    else 0 for g in self.folded}
+        self.removed = {g.name: 0 for g in self.folded}
+        self.cost: dict[str, float] = {}  # group -> damage per FLOP of its candidate, as last measured
+        self.start = self.flops = flops_model(self._removal(self.removed))
+        self.now: float | None = None  # the damage of what is removed so far
+        self.steps: list[tuple[str, int, int, float]] = []
+        self.exhausted = False
+
+    def _next_count(self, g: ChannelGroup) -> int:  # at least one --round-to block, so rounding cannot stall a group
+        rules = policy_of(self.policy, g)
+        chunk = max(rules.round_to, math.ceil(self.step * g.channels - 1e-9))
+        return rules.rounded(g.channels, min(self.cap[g.name], self.removed[g.name] + chunk))
+
+    def _removal(self, counts: dict[str, int]) -> Removal:
+        return unfold(self.groups, {name: self.order[name][:n].tolist() for name, n in counts.items()})
+
+    def _mask(self, name: str, count: int) -> torch.Tensor:
+        full = torch.ones(self.by_name[name].channels)
+        full[unfold([self.by_name[name]], {name: self.order[name][:count].tolist()})[name]] = 0.0
         return full
 
-    counter = 0
-    cost: dict[str, float] = {}  # group -> damage per FLOP of its candidate, as last measured
-    damage_of = _Damage(model, groups, batches)
-    flops_now = flops_model(removal(removed))
-    now = damage_of({})  # the damage of what is removed so far; then the accepted candidate's
-    with reporter.status("allocation: measuring each group's next channels"):
-        while flops_now > goal * flops_model.total:
-            candidates = {g.name: n for g in folded if (n := next_count(g)) > removed[g.name]}
+    def advance(self, goal: float, damage_of: _Damage) -> None:
+        """Accept candidates until the FLOPs are at most ``goal`` (absolute) or no group can lose more."""
+        if self.now is None:
+            self.now = damage_of({})
+        removed, cost = self.removed, self.cost
+        while self.flops > goal:
+            candidates = {g.name: n for g in self.folded if (n := self._next_count(g)) > removed[g.name]}
             if not candidates:
-                break
-            base = {name: mask(name, n) for name, n in removed.items() if n}
+                self.exhausted = True
+                return
+            base = {name: self._mask(name, n) for name, n in removed.items() if n}
             fresh: dict[str, tuple[float, float]] = {}  # group -> (FLOPs, damage) after its candidate, this round
 
-            def measure(name: str, base=base, now=now, fresh=fresh, candidates=candidates, flops_now=flops_now) -> None:
-                after = flops_model(removal({**removed, name: candidates[name]}))
-                fresh[name] = after, damage_of({**base, name: mask(name, candidates[name])})
-                cost[name] = (fresh[name][1] - now) / max(flops_now - after, 1e-9)
+            def measure(name: str, base=base, fresh=fresh, candidates=candidates) -> None:
+                after = self.flops_model(self._removal({**removed, name: candidates[name]}))
+                fresh[name] = after, damage_of({**base, name: self._mask(name, candidates[name])})
+                cost[name] = (fresh[name][1] - self.now) / max(self.flops - after, 1e-9)
 
-            for name in () if allocation.lazy else candidates:
+            for name in () if self.lazy else candidates:
                 measure(name)
             # lazy greedy: re-measure the cheapest-looking candidate until the cheapest one is current
             while (best := min(candidates, key=lambda name: cost.get(name, -math.inf))) not in fresh:
                 measure(best)
-            best_flops, now = fresh[best]
-            for position in range(removed[best], candidates[best]):
-                keys[best][order[best][position]] = counter
+            self.flops, self.now = fresh[best]
+            self.steps.append((best, removed[best], candidates[best], self.flops))
+            removed[best] = candidates[best]
+
+    def keys(self, goal: float) -> dict[str, torch.Tensor]:
+        """The keys of a run stopped at ``goal`` (absolute FLOPs): the steps up to the first at or below it."""
+        keys = {g.name: torch.zeros(g.channels, dtype=torch.float64) for g in self.folded}
+        removed = {g.name: 0 for g in self.folded}
+        counter, flops = 0, self.start
+        for name, before, after, flops_after in self.steps:
+            if flops <= goal:
+                break
+            for position in range(before, after):
+                keys[name][self.order[name][position]] = counter
                 counter += 1
-            removed[best], flops_now = candidates[best], best_flops
-    for g in folded:  # never removed: after every removed channel, by within-group rank
-        rest = order[g.name][removed[g.name]:]
-        keys[g.name][rest] = counter + (torch.arange(removed[g.name], g.channels, dtype=torch.float64) + 0.5) / g.channels
-    return {g.name: keys[g.name] if g.channel_groups == 1 else
-            keys[g.name].repeat(g.channel_groups) if g.channel_groups > 1 else torch.zeros(g.channels, dtype=torch.float64)
-            for g in groups}
+            removed[name], flops = after, flops_after
+        for g in self.folded:  # never removed: after every removed channel, by within-group rank
+            rest = self.order[g.name][removed[g.name]:]
+            keys[g.name][rest] = counter + (torch.arange(removed[g.name], g.channels, dtype=torch.float64) + 0.5) / g.channels
+        return {g.name: keys[g.name] if g.channel_groups == 1 else
+                keys[g.name].repeat(g.channel_groups) if g.channel_groups > 1 else
+                torch.zeros(g.channels, dtype=torch.float64) for g in self.groups}
 
 
 class _Damage:

@@ -14,11 +14,13 @@ from prunecp_cli.importance.base import ImportanceContext
 from prunecp_cli.importance.cluster import (
     ClusterImportance,
     ClusterSearch,
+    break_ties,
     gated_accuracy,
     mean_activation_maps,
     weight_features,
 )
 from prunecp_cli.importance.clustering import channel_features
+from prunecp_cli.importance.magnitude import group_magnitude
 from prunecp_cli.io.data import open_dataset
 from prunecp_cli.measure import count_flops, flops_by_module
 from prunecp_cli.surgery.batchnorm import recalibrate_batchnorm
@@ -109,7 +111,31 @@ def test_deterministic_for_a_fixed_seed(trained_digits, digits_files):
     for group in first_ctx.groups:
         labels = np.array(first_ctx.extras[group.name]["cluster"])
         assert len(labels) == group.channels and 2 <= len(set(labels)) <= group.channels - 1
-        assert bool(((first[group.name] > 0) & (first[group.name] <= 1)).all())
+        assert bool(((first[group.name] > 0) & (first[group.name] < 1 + 0.5 / group.channels**2)).all())
+
+
+def test_tiebreak_orders_equal_crowding_levels_by_l1_and_keeps_the_crowding_order(trained_digits, digits_files):
+    bare_ctx = _context(trained_digits, digits_files, tiebreak="index")
+    bare = ClusterImportance()(bare_ctx)
+    broken_ctx = _context(trained_digits, digits_files)  # tiebreak=l1, the default
+    broken = ClusterImportance()(broken_ctx)
+    assert bare_ctx.extras == broken_ctx.extras  # same clusters
+    modules = dict(broken_ctx.model.named_modules())
+    reordered = 0
+    for group in broken_ctx.groups:
+        levels, keys = bare[group.name].double(), broken[group.name]
+        l1 = group_magnitude(modules, group, p=1)
+        expected = sorted(range(group.channels), key=lambda c: (float(levels[c]), float(l1[c]), c))
+        assert torch.sort(keys, stable=True).indices.tolist() == expected
+        reordered += int(torch.sort(levels, stable=True).indices.tolist() != expected)
+    assert reordered > 0  # the digits CNN's crowding levels do tie
+
+
+def test_break_ties_by_hand():
+    levels = torch.tensor([1.0, 0.5, 1.0, 0.5, 2 / 3, 1 / 3])
+    keys = break_ties(levels, torch.tensor([3.0, 2.0, 1.0, 4.0, 0.0, 9.0]))
+    assert torch.sort(keys).indices.tolist() == [5, 1, 3, 4, 2, 0]
+    assert float((keys - levels).max()) < 0.5 / 36
 
 
 def test_verbose_prints_cluster_counts_and_objectives_per_generation(tmp_path, cli, trained_digits, digits_files):

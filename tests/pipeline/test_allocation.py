@@ -13,6 +13,7 @@ from prunecp_cli.io.checkpoint import ModelMeta, open_model, save_model
 from prunecp_cli.io.data import open_dataset
 from prunecp_cli.measure import flops_by_module
 from prunecp_cli.models import resnet_small
+from prunecp_cli.pipeline import allocation as allocation_module
 from prunecp_cli.pipeline.allocation import Allocation, allocate, measured_keys
 from prunecp_cli.pipeline.auto import resplit_set_size
 from prunecp_cli.pipeline.inference import collect_logits
@@ -83,9 +84,45 @@ def test_measured_keys_respect_the_caps_and_order_within_groups(digits_resnet, d
     removal = select(graph.groups, keys, policy=used_policy, target_flops=0.6, flops_model=flops_model)
     assert flops_model(removal) / flops_model.total == pytest.approx(0.6, abs=0.01)
     assert all(len(removal[g.name]) <= g.channels // 2 for g in graph.groups)  # protect 0.5
+    allocation_module._PATHS.clear()  # a fresh greedy run, not the cached path
     same = measured_keys(model, graph.groups, scores, open_dataset(digits_files["score"]), policy=policy,
                          flops_model=flops_model, goal=0.58, allocation=Allocation("measured", examples=64))
     assert all(torch.equal(same[n], keys[n]) for n in keys)  # deterministic
+
+
+def test_a_cached_greedy_path_gives_a_fresh_runs_keys_at_every_goal(digits_resnet, digits_files, monkeypatch):
+    model = open_model(digits_resnet).model.eval()
+    example = torch.zeros(1, 1, 8, 8)
+    graph = ModelGraph(model, example)
+    flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
+    scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(i))
+              for i, g in enumerate(graph.groups)}
+    data = open_dataset(digits_files["score"])
+    calls = []
+    measure = allocation_module._Damage.__call__
+    monkeypatch.setattr(allocation_module._Damage, "__call__", lambda self, masks: calls.append(1) or measure(self, masks))
+
+    def keys_at(goal):
+        return measured_keys(model, graph.groups, scores, data, policy=Policy(scope="global"), flops_model=flops_model,
+                             goal=goal, allocation=Allocation("measured", examples=64))
+
+    goals = (0.7, 0.45, 0.6, 0.3)
+    fresh = {}
+    for goal in goals:
+        allocation_module._PATHS.clear()
+        fresh[goal] = keys_at(goal)
+    fresh_calls, calls[:] = len(calls), []
+    allocation_module._PATHS.clear()
+    for goal in goals:  # 0.45 resumes the path to 0.7, 0.6 reads its prefix, 0.3 resumes it again
+        cached = keys_at(goal)
+        assert all(torch.equal(cached[n], fresh[goal][n]) for n in cached), goal
+    assert 0 < len(calls) < fresh_calls / 2
+    assert not all(torch.equal(fresh[0.7][n], fresh[0.3][n]) for n in fresh[0.7])  # the goals do differ
+    other = {name: value.flip(0) for name, value in scores.items()}  # other scores: another path
+    calls[:] = []
+    measured_keys(model, graph.groups, other, data, policy=Policy(scope="global"), flops_model=flops_model, goal=0.7,
+                  allocation=Allocation("measured", examples=64))
+    assert calls
 
 
 def test_measured_shares_keep_round_to_widths(digits_resnet, digits_files):
