@@ -90,7 +90,8 @@ METHODS: dict[str, MethodInfo] = {
             "resplits": (400, "random calibration/evaluation re-splits the efficiency is averaged over (1: the seeded split)"),
             "schedule": ("greedy", "greedy: remove the cheapest chunk, re-score the rest with it silenced, repeat; "
                          "one-shot: every channel alone"),
-            "scope": ("auto", "greedy across all groups (global) or within each (local); auto: prune's --scope"),
+            "scope": ("local", "greedy within each group (local; prune then shares the budget by rank) or across all "
+                      "groups (global; measured worse on the benchmark); auto: prune's --scope"),
             "per": ("channel", "global greedy: rank by efficiency cost per channel (channel) or per FLOP saved (flop; measured worse on the benchmark)"),
             "remove": (0.5, "share of channels the greedy schedule removes (local: of each group; global: of all)"),
             "chunk": (2, "channels removed per greedy round (local: per group; global: in all)"),

@@ -20,6 +20,8 @@ decides how many by measuring, on the score data, what the network's output lose
 The result is handed to the global selection as scores on one scale: a channel's key is the order in
 which it was removed; channels never removed follow, by their within-group rank. Cost: one round per
 removed chunk, each about (number of groups) passes of the network's tail over ``examples`` images.
+The path does not depend on the target, only where it stops: within one process a path is kept and
+resumed or cut for another target (:func:`measured_keys`), so a budget sweep walks it once.
 """
 
 from __future__ import annotations

@@ -207,9 +207,11 @@ def test_global_greedy_uses_one_scale_and_keeps_a_channel_per_group():
     # then the survivors by cost (a1 first: selection's caps keep it)
     assert [(g, i) for _, g, i in flat] == [("b", 2), ("a", 0), ("b", 0), ("a", 1), ("b", 3), ("b", 1)]
     assert max(scores["a"][0], scores["b"][2]) < scores["b"][0] < min(scores["a"][1], scores["b"][3])
+    defaults = registry.parse_options("cp-bruteforce", [])  # scope=local: ranked within groups under any --scope
+    assert not registry.comparable_across_groups("cp-bruteforce", registry.bind_scope("cp-bruteforce", defaults, "global"))
     assert registry.comparable_across_groups("cp-bruteforce", registry.bind_scope(
-        "cp-bruteforce", registry.parse_options("cp-bruteforce", []), "global"))
-    assert not registry.comparable_across_groups("cp-bruteforce", registry.parse_options("cp-bruteforce", []))
+        "cp-bruteforce", registry.parse_options("cp-bruteforce", ["scope=auto"]), "global"))
+    assert registry.comparable_across_groups("cp-bruteforce", registry.parse_options("cp-bruteforce", ["scope=global"]))
 
 
 def test_global_greedy_per_flop_removes_the_channels_cheapest_per_flop_saved():
