@@ -30,6 +30,17 @@ def test_statistics_are_exact_population_moments():
     assert torch.allclose(model[1].running_var.double(), flat.var(1, unbiased=True), atol=1e-4)
 
 
+def test_statistics_stay_accurate_for_a_large_mean_and_small_spread_over_uneven_batches():
+    torch.manual_seed(0)
+    for shape in ((4,), (4, 5)):  # BatchNorm1d on [N, C] and on [N, C, L]
+        norm = nn.BatchNorm1d(4).eval()
+        data = [1000.0 + 0.01 * torch.randn(n, *shape) for n in (2, 130, 7, 63)]
+        assert recalibrate_batchnorm(norm, data) == 202
+        flat = torch.cat(data).double().transpose(0, 1).reshape(4, -1)
+        torch.testing.assert_close(norm.running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)  # float32 storage
+        torch.testing.assert_close(norm.running_var.double(), flat.var(1), rtol=1e-3, atol=0)
+
+
 def test_recalibration_restores_accuracy_after_one_shot_pruning(trained_digits, digits_files):
     model = copy.deepcopy(trained_digits["model"]).eval()
     x_score, _ = load_npz(digits_files["score"])
