@@ -83,7 +83,7 @@ METHODS: dict[str, MethodInfo] = {
         "re-splits of the score data, removed greedily a chunk at a time (Zhao et al. 2025)",
         options={
             "alpha": (0.1, "miscoverage of the LAC predictor whose efficiency is measured"),
-            "measure": ("size", "efficiency: size (mean set size), size-of (mean of set size and observed "
+            "measure": ("soft-size", "efficiency: size (mean set size), size-of (mean of set size and observed "
                         "fuzziness), of, or soft-size (sigmoid set size at the recalibrated threshold)"),
             "temperature": (0.1, "measure=soft-size: sigmoid temperature, in log-probability units"),
             "cal-fraction": (0.5, "share of the score data that calibrates in each re-split; the rest measures efficiency"),
