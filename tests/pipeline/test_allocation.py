@@ -66,13 +66,19 @@ def test_measured_shares_beat_equal_shares_on_held_out_set_size(digits_resnet, d
     assert any(u["role"] == "allocation" for u in meta.extra["data_sha256"])
 
 
-def test_measured_keys_respect_the_caps_and_order_within_groups(digits_resnet, digits_files):
-    model = open_model(digits_resnet).model.eval()
+def _resnet_with_random_scores(path):
+    """The digits ResNet in eval mode, its graph, its FlopsModel and seeded random scores per group."""
+    model = open_model(path).model.eval()
     example = torch.zeros(1, 1, 8, 8)
     graph = ModelGraph(model, example)
     flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
     scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(i))
               for i, g in enumerate(graph.groups)}
+    return model, graph, flops_model, scores
+
+
+def test_measured_keys_respect_the_caps_and_order_within_groups(digits_resnet, digits_files):
+    model, graph, flops_model, scores = _resnet_with_random_scores(digits_resnet)
     policy = Policy(scope="global", protect=0.5, max_layer_ratio=0.9)
     keys, used_policy = allocate(graph.groups, scores, policy=policy, allocation=Allocation("measured", examples=64),
                                  target_flops=0.6, flops_model=flops_model, model=model,
@@ -91,12 +97,7 @@ def test_measured_keys_respect_the_caps_and_order_within_groups(digits_resnet, d
 
 
 def test_a_cached_greedy_path_gives_a_fresh_runs_keys_at_every_goal(digits_resnet, digits_files, monkeypatch):
-    model = open_model(digits_resnet).model.eval()
-    example = torch.zeros(1, 1, 8, 8)
-    graph = ModelGraph(model, example)
-    flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
-    scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(i))
-              for i, g in enumerate(graph.groups)}
+    model, graph, flops_model, scores = _resnet_with_random_scores(digits_resnet)
     data = open_dataset(digits_files["score"])
     calls = []
     measure = allocation_module._Damage.__call__
