@@ -117,3 +117,11 @@ class Importance:
 def method_options(ctx: ImportanceContext, name: str) -> dict[str, Any]:
     """``ctx.options`` over the registry defaults of method ``name`` (for direct, registry-free calls)."""
     return {**{key: default for key, (default, _) in registry.info(name).options.items()}, **ctx.options}
+
+
+def ascending_positions(values: torch.Tensor) -> torch.Tensor:
+    """Position of each entry in ascending order (stable: ties by index), as a float64 in [0, 1)."""
+    order = torch.sort(values.double(), stable=True).indices
+    out = torch.empty(len(values), dtype=torch.float64)
+    out[order] = torch.arange(len(values), dtype=torch.float64) / max(len(values), 1)
+    return out

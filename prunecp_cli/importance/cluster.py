@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from prunecp_cli.errors import UsageError
+from prunecp_cli.importance import base
 from prunecp_cli.importance.base import Importance, ImportanceContext, Needs, method_options
 from prunecp_cli.importance.clustering import (
     activation_cosine_feature,
@@ -291,11 +292,7 @@ def break_ties(levels: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
     Adds ``position / (2 C**2)``, ``position`` in ``[0, 1)`` the channel's place by ``secondary``
     (ties by index): less than half the smallest gap ``1 / C**2`` between distinct levels.
     """
-    count = len(levels)
-    order = torch.sort(secondary.double(), stable=True).indices
-    position = torch.empty(count, dtype=torch.float64)
-    position[order] = torch.arange(count, dtype=torch.float64) / max(count, 1)
-    return levels.double() + position / (2.0 * max(count, 1) ** 2)
+    return levels.double() + base.ascending_positions(secondary) / (2.0 * max(len(levels), 1) ** 2)
 
 
 def split_rows(ctx: ImportanceContext, fraction: float) -> tuple[np.ndarray, np.ndarray]:

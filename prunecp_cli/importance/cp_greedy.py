@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunecp_cli.importance.base import ascending_positions
+
 Costs = dict[str, torch.Tensor]  # per group: [C] float64, the cost of each alive channel (others ignored)
 
 
@@ -42,14 +44,6 @@ class Greedy:
     remove: float = 0.5
     chunk: int = 2
     max_rounds: int = 16
-
-
-def _positions(values: torch.Tensor) -> torch.Tensor:
-    """Position of each entry in ascending order (stable: ties by index), as a float in [0, 1)."""
-    order = torch.sort(values.double(), stable=True).indices
-    out = torch.empty(len(values), dtype=torch.float64)
-    out[order] = torch.arange(len(values), dtype=torch.float64) / max(len(values), 1)
-    return out
 
 
 Saved = Callable[[dict[str, torch.Tensor]], dict[str, float]]
@@ -163,7 +157,7 @@ def _rank_survivors(alive: Costs, cost: Costs, within: Costs, scope: str) -> Non
         names = [g for g in alive if bool(alive[g].any())]
         if not names:
             return
-        flat = _positions(torch.cat([cost[g][alive[g]] for g in names]))
+        flat = ascending_positions(torch.cat([cost[g][alive[g]] for g in names]))
         start = 0
         for g in names:
             count = int(alive[g].sum())
@@ -172,4 +166,4 @@ def _rank_survivors(alive: Costs, cost: Costs, within: Costs, scope: str) -> Non
         return
     for g in alive:
         if bool(alive[g].any()):
-            within[g][alive[g]] = _positions(cost[g][alive[g]])
+            within[g][alive[g]] = ascending_positions(cost[g][alive[g]])
