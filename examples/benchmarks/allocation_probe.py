@@ -97,9 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         dense, _ = common.dense_model(name, splits, args.work)
         for method, seed in ((m, s) for m in args.methods for s in args.seeds):
+            scoring = time.perf_counter()
             setup = prepare(ModelSource(dense), method=method, options=parse_options(method, args.opt),
                             data=DataSource(splits["score"], max_samples=args.max_samples),
                             policy=Policy(scope="global", protect=0.1), run=RunOptions(device="cpu", seed=seed))
+            print(f"{name} {method} seed {seed}: scored in {time.perf_counter() - scoring:.1f} s", flush=True)
             for budget in args.budgets:
                 for text in args.allocations:
                     model = copy.deepcopy(setup.session.model)

@@ -96,6 +96,9 @@ METHODS: dict[str, MethodInfo] = {
             "remove": (0.5, "share of channels the greedy schedule removes (local: of each group; global: of all)"),
             "chunk": (2, "channels removed per greedy round (local: per group; global: in all)"),
             "max-rounds": (16, "most greedy rounds (masked passes over the data); the chunk grows to fit"),
+            "refresh": (8, "greedy: re-measure every channel every this many rounds (and in the last); in between only the "
+                        "cheapest `candidates` chunks by their last costs (1: every channel every round, 2-3x slower)"),
+            "candidates": (3, "refresh > 1: chunks of cheapest channels re-measured in the rounds between refreshes"),
             "max-rows": (128, "most rows (masks x examples) per forward pass (memory vs speed; 128 was fastest on 2 CPU cores)"),
             "max-memory-gb": (2.0, "stop early, naming a --max-samples that fits, above this much kept logits"),
         },

@@ -232,6 +232,55 @@ def test_global_greedy_per_flop_removes_the_channels_cheapest_per_flop_saved():
         ("b", 1), ("a", 1), ("b", 0)]
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_lazy_rounds_pick_what_full_rounds_pick_when_costs_do_not_change(scope):
+    from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
+
+    generator = torch.Generator().manual_seed(3)
+    costs = {"a": torch.rand(12, generator=generator), "b": torch.rand(20, generator=generator) - 0.2}
+    calls = []
+
+    def measure(alive, active, only=None):
+        calls.append(only)
+        return {g: costs[g].clone() for g in alive}
+
+    full, full_extras = greedy_scores({"a": 12, "b": 20}, measure, Greedy(scope=scope, remove=0.5, chunk=1, max_rounds=16))
+    full_calls, calls = len(calls), []
+    lazy, lazy_extras = greedy_scores({"a": 12, "b": 20}, measure, Greedy(scope=scope, remove=0.5, chunk=1, max_rounds=16,
+                                                                         refresh=4, candidates=2))
+    assert {g: s.tolist() for g, s in lazy.items()} == {g: s.tolist() for g, s in full.items()}
+    assert lazy_extras == full_extras
+    assert len(calls) == full_calls
+    # rounds 0, 4, 8, ... and a group's last round measure all its channels; the others 2 chunks per group
+    # (local) or in all (global). Local: a loses 6 channels in rounds 0-5, b 10 in rounds 0-9.
+    full_rounds = [i for i, only in enumerate(calls) if only is None]
+    if scope == "global":  # 16 channels in 16 rounds
+        assert len(calls) == 16 and full_rounds == [0, 4, 8, 12, 15]
+        assert all(sum(int(m.sum()) for m in only.values()) == 2 for only in calls if only is not None)
+    else:
+        assert len(calls) == 10 and full_rounds == [0, 4, 8, 9]
+        assert all(int(only["a"].sum()) == 12 - 5 for only in calls[5:6])  # a's last round: all 7 alive
+        assert [int(only["b"].sum()) for only in calls[1:4]] == [2, 2, 2]
+
+
+def test_lazy_rounds_pick_only_among_channels_measured_fresh():
+    """Between refreshes the stale costs choose the candidates; the pick uses their fresh costs."""
+    from prunecp_cli.importance.cp_greedy import Greedy, greedy_scores
+
+    def measure(alive, active, only=None):
+        costs = torch.arange(8, dtype=torch.float64)  # full rounds: cheapest = lowest index
+        if only is not None:  # fresh costs of the candidates reverse their order; the others would be cheaper
+            costs = torch.where(only["g"], 10.0 - costs, -1.0)
+        return {"g": costs}
+
+    scores, extras = greedy_scores({"g": 8}, measure, Greedy(scope="local", remove=0.5, chunk=1, refresh=4, candidates=2))
+    # round 0 (full) removes 0; round 1 measures 1 and 2 (stale 1, 2), removes 2 (fresh 8 < 9); round 2
+    # measures 3 and 4 (1's fresh 9 is now the dearest), removes 4; round 3 is the last: all alive measured
+    # (1, 3, 5, 6, 7 at their full costs 1, 3, 5, 6, 7), removes 1
+    assert extras["g"]["round"] == [0.0, 3.0, 1.0, -1.0, 2.0, -1.0, -1.0, -1.0]
+    assert torch.sort(scores["g"]).indices.tolist() == [0, 2, 4, 1, 3, 5, 6, 7]
+
+
 def test_flops_saved_is_the_measured_saving_of_one_more_channel(residual_model, digits_files):
     import copy
 
