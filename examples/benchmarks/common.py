@@ -53,11 +53,14 @@ THREADS = 2
 _START = time.perf_counter()
 
 
-def set_threads(threads: int | None = None) -> None:
-    """Use ``threads`` CPU threads in torch: default ``OMP_NUM_THREADS`` when set, else 2 (the benchmark machine)."""
-    if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS") or THREADS)
-    torch.set_num_threads(threads)
+def threads() -> int:
+    """CPU threads the benchmarks use: ``OMP_NUM_THREADS`` when set, else 2 (the benchmark machine)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or THREADS)
+
+
+def set_threads(count: int | None = None) -> None:
+    """Use ``count`` CPU threads in torch (default :func:`threads`)."""
+    torch.set_num_threads(threads() if count is None else count)
 
 
 def log(message: str) -> None:
