@@ -60,7 +60,8 @@ Set-up and deviations (stated in the Markdown header too):
 * The models run in 2 worker processes at once (``--workers``; the MobileNet, the heaviest, beside
   the other two), with 1 torch thread each: a small CNN's operations use a second thread poorly
   (cp-bruteforce's scoring of the MobileNet on 200 images: 114 s on 1 thread, 92 s on 2), so two
-  models side by side finish sooner. Scoring times are therefore those of one thread on a busy machine.
+  models side by side finish sooner; a worker whose model is the last one left takes every thread
+  (:meth:`Plan.adjust_threads`). Scoring times are therefore indicative.
 * One training seed; one draw of channels for the unseeded methods: differences of a few hundredths
   in set size or accuracy are within noise (accuracy is on the 750 fixed test images).
 
@@ -152,6 +153,14 @@ class Plan:
     iter_steps: int
     quick: bool
     threads: int
+    share: Path | None = None  # with workers: a file the main process writes the threads per worker to
+
+    def adjust_threads(self) -> None:
+        """Take the threads the main process offers once fewer models than workers remain (a worker whose
+        model is the last one left gets every core)."""
+        if self.share is not None and self.share.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                common.set_threads(max(self.threads, int(self.share.read_text(encoding="utf-8"))))
 
 
 def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path, *, draws: int) -> dict[str, Any]:
@@ -588,8 +597,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"score split ({s['split_sizes']['score']} images).",
         "* Scoring time = wall-clock seconds of `api.score` (for `cluster`, per budget)"
         + (f", in a worker process with {report['run']['torch_threads']} torch thread(s) while "
-           f"{report['run']['workers'] - 1} other model(s) ran beside it (so slower than one model alone with all "
-           "the cores)." if report["run"].get("workers", 1) > 1 else "."),
+           f"{report['run']['workers'] - 1} other model(s) ran beside it, all the threads once it was the last "
+           "one left: times are indicative." if report["run"].get("workers", 1) > 1 else "."),
         *([f"* {', '.join(f'`{m}`' for m in s['seeded_methods'])} (whose channels depend on the seed) are scored "
            f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}; the other tables show seed 0, the \"Over "
            "scoring seeds\" table the mean over the seeds with its 95 % interval."] if s.get("extra_seeds") else []),
@@ -700,8 +709,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_model(model: str, plan: Plan) -> dict[str, Any]:
-    """Every row of one model: ``{"models": {model: ...}, "scoring": [...], "rows": [...], ...}``."""
+def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
+    """The rows of one model: ``{"models": {model: ...}, "scoring": [...], "rows": [...], ...}``.
+
+    ``part`` splits the work in two for the worker processes: ``main`` (scoring, the one-shot and auto rows,
+    auto's fine-tuning rows), ``side`` (the Torch-Pruning rows and the fine-tuning rows of the ``taylor``
+    ranking, which need nothing of ``main``), or ``all``.
+    """
     from prunecp_cli import importance as registry
 
     common.set_threads(plan.threads)
@@ -710,22 +724,26 @@ def run_model(model: str, plan: Plan) -> dict[str, Any]:
     ft_budget, ft_epochs, iter_model, iter_steps = plan.ft_budget, plan.ft_epochs, plan.iter_model, plan.iter_steps
     quick = plan.quick
     report: dict[str, Any] = {"models": {}, "scoring": [], "rows": [], "baselines": [], "tp_matched": [], "finetune": []}
-    folder = work / "quality" / model
+    folder = work / "quality" / model / ("side" if part == "side" else "")
     folder.mkdir(parents=True, exist_ok=True)
     dense, train_record = common.dense_model(model, splits, work, recipe=plan.recipe)
     dense_eval = evaluate(dense, splits, folder / "dense.cert.json", draws=draws)
-    report["models"][model] = {"train": train_record, "dense": dense_eval}
+    if part != "side":
+        report["models"][model] = {"train": train_record, "dense": dense_eval}
     log(f"{model}: dense accuracy {dense_eval['accuracy']:.4f}, coverage {dense_eval['coverage']:.3f} "
         f"(re-split mean {dense_eval['resplit']['coverage_mean']:.3f}), mean set size "
         f"{dense_eval['mean_set_size']:.3f} (re-split mean {dense_eval['resplit']['set_size_mean']:.3f}), "
         f"{dense_eval['flops']} FLOPs, {dense_eval['params']} params")
     jobs = [(method, 0) for method in methods]
     jobs += [(method, seed) for method in SEEDED_METHODS if method in methods for seed in extra_seeds]
+    if part == "side":
+        jobs = []
     scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
     prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
                               dense_flops=dense_eval["flops"], draws=draws)
 
     for i, (method, seed) in enumerate(jobs, 1):
+        plan.adjust_threads()
         per_budget = "keep" in registry.info(method).options
         for keep in (budgets if per_budget else (None,)):
             log(f"{model} [{i}/{len(jobs)}] scoring {method}" + (f" keep={keep}" if keep else "")
@@ -752,10 +770,13 @@ def run_model(model: str, plan: Plan) -> dict[str, Any]:
                                 seed=seed)
                     report["rows"].append(row)
                     log_row(f"{scope:<6} {budget}", row)
+    if part == "side" and "l1" in methods:  # for the l1 rows at Torch-Pruning's FLOPs
+        scored[("l1", 0, None)] = score_method(dense, "l1", splits, folder, method_settings.get("l1", {}), keep=None, seed=0)
     auto = scored.get(("auto", 0, None))
     auto_ft_scores = None
     if auto is not None and not quick:  # the recommended setting: auto with measured shares
         for budget in budgets:
+            plan.adjust_threads()
             log(f"{model}: auto, global scope, --allocation measured, {budget}")
             row = prune(auto["path"], method="auto", budget=budget, scope="global", scoring=auto,
                         allocation="measured")
@@ -769,8 +790,9 @@ def run_model(model: str, plan: Plan) -> dict[str, Any]:
         row = prune(baseline["path"], method=FT_METHOD, budget=ft_budget, scope=FT_SCOPE, scoring=baseline)
         report["rows"].append({**row, "purpose": "fine-tuning baseline"})
         log_row(f"{FT_SCOPE:<6} {ft_budget}", row)
-    for tp_method in (TP_QUICK if quick else baselines.TP_METHODS):
+    for tp_method in (() if part == "main" else TP_QUICK if quick else baselines.TP_METHODS):
         for budget in budgets:
+            plan.adjust_threads()
             log(f"{model}: Torch-Pruning baseline {tp_method} at {budget}")
             row = tp_row(dense, splits, model=model, method=tp_method, budget=budget, dense_flops=dense_eval["flops"],
                          draws=draws)
@@ -790,17 +812,22 @@ def run_model(model: str, plan: Plan) -> dict[str, Any]:
             for epochs in sorted({1, ft_epochs}) if loss != "conftr" or epochs == ft_epochs]
     if auto_ft_scores is not None:
         runs += [("one-shot", loss, 1, 1, ("auto", AUTO_FT_SCOPE, auto_ft_scores)) for loss in ("ce", "kd")]
-    if model == iter_model:
+    if part == "main":
+        runs = [run for run in runs if run[4][0] == "auto"]
+    if model == iter_model and part != "main":
         runs.append((f"iterative {iter_steps} steps", "ce", ft_epochs, iter_steps, default))
         if not quick:  # the same total epochs in one shot (the smoke run skips this control)
             runs.append(("one-shot", "ce", ft_epochs * iter_steps, 1, default))
     for label, loss, epochs, steps, ranking in runs:
+        plan.adjust_threads()
         log(f"{model}: fine-tuning row {ranking[0]} {label}, {loss}, {epochs} epoch(s) per step")
         row = finetune_row(dense, splits, folder, model=model, budget=ft_budget, loss=loss, epochs=epochs, steps=steps,
                            dense_flops=dense_eval["flops"], label=label, draws=draws, ranking=ranking,
                            allocation="measured" if ranking[0] == "auto" else "rank")
         report["finetune"].append(row)
         log_row(f"({row.get('seconds', 0):.0f} s)", row)
+    if part == "side":
+        report["finetune"] = [r for r in report["finetune"] if r["method"] != "auto"]
     for key in ("rows", "baselines", "tp_matched", "finetune"):
         for r in report[key]:
             r.pop("path", None)
@@ -887,35 +914,45 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan(splits=splits, work=work, recipe=recipe, budgets=tuple(budgets), scopes=scopes, draws=draws,
                 methods=tuple(methods), method_settings=method_settings, extra_seeds=extra_seeds, ft_budget=ft_budget,
                 ft_epochs=ft_epochs, iter_model=iter_model, iter_steps=iter_steps, quick=args.quick,
-                threads=max(1, common.threads() // workers))
+                threads=max(1, common.threads() // workers),
+                share=out_dir / ".threads" if workers > 1 else None)
     report["run"]["workers"], report["run"]["torch_threads"] = workers, plan.threads
     done: dict[str, dict[str, Any]] = {}
 
-    def merge(model: str, part: dict[str, Any]) -> None:
-        done[model] = part
+    units = [(m, "all") for m in models] if workers == 1 else (
+        # the heaviest models' main parts first, so that the last to finish is a light one
+        [(m, "main") for m in sorted(models, key=lambda m: -HEAVINESS.get(m, 1.0))]
+        + [(m, "side") for m in sorted(models, key=lambda m: -HEAVINESS.get(m, 1.0))])
+
+    def merge(unit: tuple[str, str], part: dict[str, Any]) -> None:
+        done[unit] = part
         for key in ("models", "scoring", "rows", "baselines", "tp_matched", "finetune"):
             report[key] = {} if key == "models" else []
-        for name in (m for m in models if m in done):  # the report in the models' order, whatever finished first
-            report["models"].update(done[name]["models"])
+        for name in (u for m in models for u in ((m, "all"), (m, "side"), (m, "main")) if u in done):
+            report["models"].update(done[name]["models"])  # in the models' order, whatever finished first
             for key in ("scoring", "rows", "baselines", "tp_matched", "finetune"):
                 report[key] += done[name][key]
         report["wall_seconds"] = time.perf_counter() - start
         report["load_average"] = {"start": [round(v, 2) for v in load_start],
                                   "end": [round(v, 2) for v in os.getloadavg()]}
-        report["complete"] = len(done) == len(models)
+        report["complete"] = len(done) == len(units)
+        if plan.share is not None and len(done) < len(units):  # the cores of finished workers go to the others
+            plan.share.write_text(str(max(1, common.threads() // min(workers, len(units) - len(done)))), encoding="utf-8")
         common.write_json(out_dir / "quality.json", _jsonable(report))
         (out_dir / "quality.md").write_text(markdown(report), encoding="utf-8")
-        log(f"{model} done; wrote {out_dir / 'quality.json'} and quality.md")
+        log(f"{unit[0]} ({unit[1]}) done; wrote {out_dir / 'quality.json'} and quality.md")
 
     if workers == 1:
-        for model in models:
-            merge(model, run_model(model, plan))
-    else:  # the heaviest models first, so that the last to finish is a light one
-        order = sorted(models, key=lambda m: -HEAVINESS.get(m, 1.0))
+        for unit in units:
+            merge(unit, run_model(unit[0], plan, unit[1]))
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.share.unlink(missing_ok=True)
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_model, model, plan): model for model in order}
+            futures = {pool.submit(run_model, model, plan, part): (model, part) for model, part in units}
             for future in concurrent.futures.as_completed(futures):
                 merge(futures[future], future.result())
+        plan.share.unlink(missing_ok=True)
     print((out_dir / "quality.md").read_text(encoding="utf-8"))
     log(f"total {time.perf_counter() - start:.0f} s")
 
