@@ -34,8 +34,9 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    recommended setting, at every budget.
 
 ``random``, ``shapley`` and ``cluster``, whose channels depend on the seed, are scored with seeds 0, 1
-and 2 (``--seeds``; ``--seeds`` alone: seed 0 only), and the "Over scoring seeds" table gives each one's
-mean set size over the seeds with its 95 % interval (Student's t). Every other table shows seed 0.
+and 2 (``--seeds``; ``--seeds`` alone: seed 0 only; the cheap ``random`` and ``cluster`` then get seeds
+0-7 and 0-4, :data:`SEED_COUNTS`), and the "Over scoring seeds" table gives each one's mean set size over
+the seeds with its 95 % interval (Student's t). Every other table shows seed 0.
 prunecp's ``l1`` is also pruned to exactly the FLOPs that Torch-Pruning's bisection reached with tp-l1
 (which lands near the budget, not on it), for a like-for-like column in the comparison.
 
@@ -122,16 +123,29 @@ RESPLIT_DRAWS = 1000  # random calib/test re-splits per row (LAC coverage and se
 RESPLIT_SEED = 1
 SEEDED_METHODS = ("random", "shapley", "cluster")  # scored again with each of --seeds (their draws depend on it)
 EXTRA_SEEDS: tuple[int, ...] = (1, 2)  # default of --seeds: the seeds besides 0
+SEED_COUNTS = {"random": 8, "cluster": 5}
+"""With any ``--seeds``, the cheap seeded methods get at least this many seeds (0 to N - 1): ``random``, the bar
+the others must clear, scatters most (ResNet at 0.5: 1.47-4.57 over seeds 0-7) and costs no scoring;
+``cluster`` scatters as much (1.95-2.84 over seeds 0-4 at the settings below) for a few seconds a seed."""
+
+
+def seeds_for(method: str, extra_seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The seeds besides 0 that ``method`` is scored with (see :data:`SEED_COUNTS`)."""
+    if method in SEED_COUNTS and extra_seeds:
+        return tuple(dict.fromkeys((*extra_seeds, *range(1, SEED_COUNTS[method]))))
+    return extra_seeds
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Student's t 0.975 quantile by degrees of freedom (the 95 % interval of a mean over a few seeds)."""
-QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto")
+QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto", "random")  # random: the seeds part, cheaply
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 64}}
 QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke model (500 images), cached under WORK/quick
 QUICK_SPLIT_SIZES = {"train": 500, "score": 300, "calib": 300, "test": 300}  # --quick: random parts of each split
 QUICK_RESPLIT_DRAWS = 200
 WORKERS = 2  # default of --workers: models run in this many processes, the torch threads split between them
-HEAVINESS = {"mobilenet_small": 3.0, "resnet_small": 1.2, "vgg_small": 0.4}  # relative run time (the q25 run: 832, 305,
-# 115 s of measured work): with 2 workers the MobileNet runs beside the other two
+HEAVINESS = {"mobilenet_small": 3.0, "resnet_small": 1.2, "vgg_small": 0.4}  # relative run time (the q27 run: about
+# 1,300, 540 and 190 s of work)
+PART_SHARE = {"main": 0.6, "seeds": 0.25, "side": 0.2}  # of a model's work (q27: MobileNet about 840 / 220 / 216 s)
+PARTS = ("all", "main", "seeds", "side")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,17 +503,28 @@ def tp_comparison(report: dict[str, Any], scope: str) -> list[str]:
     return lines + [common.markdown_table(header, rows), ""]
 
 
+def _seed_list(seeds) -> str:
+    """``[0, 1, 2]`` → ``0, 1, 2``; a run of five or more → ``0-7``."""
+    seeds = list(seeds)
+    if len(seeds) >= 5 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def seed_table(report: dict[str, Any], size_col: str) -> list[str]:
     """Mean set size over the scoring seeds of each seeded method, with its 95 % t-interval (global scope)."""
     s = report["settings"]
-    seeds = [0, *s.get("extra_seeds", [])]
-    if len(seeds) < 2:
-        return []
     methods = s.get("seeded_methods", [])
+    by_method = {m: s.get("seeds_by_method", {}).get(m, [0, *s.get("extra_seeds", [])]) for m in methods}
+    if max((len(v) for v in by_method.values()), default=0) < 2:
+        return []
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for method, seeds in by_method.items():
+        groups.setdefault(tuple(seeds), []).append(f"`{method}`")
+    which = "; ".join(f"{', '.join(names)} with seeds {_seed_list(seeds)}" for seeds, names in groups.items())
     lines = ["## Over scoring seeds", "",
-             f"{', '.join(f'`{m}`' for m in methods)} scored with seeds {', '.join(map(str, seeds))} (global scope): "
-             f"the mean of the {size_col.lower()} over the seeds ± the half-width of its 95 % interval (Student's t, "
-             f"{len(seeds) - 1} degrees of freedom), then the seeds' values.", ""]
+             f"Scored {which} (global scope): the mean of the {size_col.lower()} over the seeds ± the half-width "
+             "of its 95 % interval (Student's t, seeds − 1 degrees of freedom), then the seeds' values.", ""]
     rows = []
     for model in report["models"]:
         for budget in s["budgets"]:
@@ -600,8 +625,11 @@ def markdown(report: dict[str, Any]) -> str:
            f"{report['run']['workers'] - 1} other model(s) ran beside it, all the threads once it was the last "
            "one left: times are indicative." if report["run"].get("workers", 1) > 1 else "."),
         *([f"* {', '.join(f'`{m}`' for m in s['seeded_methods'])} (whose channels depend on the seed) are scored "
-           f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}; the other tables show seed 0, the \"Over "
-           "scoring seeds\" table the mean over the seeds with its 95 % interval."] if s.get("extra_seeds") else []),
+           f"with seeds 0, {', '.join(map(str, s['extra_seeds']))}"
+           + "".join(f"; `{m}` with seeds {_seed_list(seeds)}" for m, seeds in s.get("seeds_by_method", {}).items()
+                     if len(seeds) != 1 + len(s["extra_seeds"]))
+           + "; the other tables show seed 0, the \"Over scoring seeds\" table the mean over the seeds with its "
+           "95 % interval."] if s.get("extra_seeds") else []),
         "* A mean set size below 1 means some LAC sets are empty (the fixed split's fraction is in quality.json as "
         "`empty_set_fraction`).",
         "* One training seed and one draw of channels per method: differences of a few hundredths in accuracy "
@@ -712,10 +740,13 @@ def markdown(report: dict[str, Any]) -> str:
 def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     """The rows of one model: ``{"models": {model: ...}, "scoring": [...], "rows": [...], ...}``.
 
-    ``part`` splits the work in two for the worker processes: ``main`` (scoring, the one-shot and auto rows,
-    auto's fine-tuning rows), ``side`` (the Torch-Pruning rows and the fine-tuning rows of the ``taylor``
-    ranking, which need nothing of ``main``), or ``all``.
+    ``part`` splits the work in three for the worker processes: ``main`` (seed-0 scoring, the one-shot and
+    auto rows, auto's fine-tuning rows), ``seeds`` (the seeded methods' other seeds and their one-shot
+    rows), ``side`` (the Torch-Pruning rows and the fine-tuning rows of the ``taylor`` ranking), none of
+    which needs another's results; or ``all``.
     """
+    if part not in PARTS:
+        raise ValueError(f"part {part!r}: use one of {PARTS}")
     from prunecp_cli import importance as registry
 
     common.set_threads(plan.threads)
@@ -724,20 +755,20 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     ft_budget, ft_epochs, iter_model, iter_steps = plan.ft_budget, plan.ft_epochs, plan.iter_model, plan.iter_steps
     quick = plan.quick
     report: dict[str, Any] = {"models": {}, "scoring": [], "rows": [], "baselines": [], "tp_matched": [], "finetune": []}
-    folder = work / "quality" / model / ("side" if part == "side" else "")
+    folder = work / "quality" / model / ("" if part in ("all", "main") else part)
     folder.mkdir(parents=True, exist_ok=True)
     dense, train_record = common.dense_model(model, splits, work, recipe=plan.recipe)
     dense_eval = evaluate(dense, splits, folder / "dense.cert.json", draws=draws)
-    if part != "side":
+    if part in ("all", "main"):
         report["models"][model] = {"train": train_record, "dense": dense_eval}
     log(f"{model}: dense accuracy {dense_eval['accuracy']:.4f}, coverage {dense_eval['coverage']:.3f} "
         f"(re-split mean {dense_eval['resplit']['coverage_mean']:.3f}), mean set size "
         f"{dense_eval['mean_set_size']:.3f} (re-split mean {dense_eval['resplit']['set_size_mean']:.3f}), "
         f"{dense_eval['flops']} FLOPs, {dense_eval['params']} params")
-    jobs = [(method, 0) for method in methods]
-    jobs += [(method, seed) for method in SEEDED_METHODS if method in methods for seed in extra_seeds]
-    if part == "side":
-        jobs = []
+    jobs = [(method, 0) for method in methods] if part in ("all", "main") else []
+    if part in ("all", "seeds"):
+        jobs += [(method, seed) for method in SEEDED_METHODS if method in methods
+                 for seed in seeds_for(method, extra_seeds)]
     scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
     prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
                               dense_flops=dense_eval["flops"], draws=draws)
@@ -770,6 +801,10 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
                                 seed=seed)
                     report["rows"].append(row)
                     log_row(f"{scope:<6} {budget}", row)
+    if part == "seeds":
+        for r in report["rows"]:
+            r.pop("path", None)
+        return report
     if part == "side" and "l1" in methods:  # for the l1 rows at Torch-Pruning's FLOPs
         scored[("l1", 0, None)] = score_method(dense, "l1", splits, folder, method_settings.get("l1", {}), keep=None, seed=0)
     auto = scored.get(("auto", 0, None))
@@ -901,6 +936,7 @@ def main(argv: list[str] | None = None) -> None:
                      "method_settings": {m: v for m, v in method_settings.items() if m in methods},
                      "per_budget_methods": [m for m in methods if "keep" in registry.info(m).options],
                      "extra_seeds": list(extra_seeds), "seeded_methods": [m for m in SEEDED_METHODS if m in methods],
+                     "seeds_by_method": {m: [0, *seeds_for(m, extra_seeds)] for m in SEEDED_METHODS if m in methods},
                      "resplit": {"draws": draws, "seed": RESPLIT_SEED, "calib": sizes["calib"], "test": sizes["test"],
                                  "rank": k, "exchangeable_mean_coverage": k / (sizes["calib"] + 1)},
                      "bn_recalibration": "score split", "protect_global": 0.1, "max_layer_ratio": 0.9,
@@ -919,16 +955,17 @@ def main(argv: list[str] | None = None) -> None:
     report["run"]["workers"], report["run"]["torch_threads"] = workers, plan.threads
     done: dict[str, dict[str, Any]] = {}
 
-    units = [(m, "all") for m in models] if workers == 1 else (
-        # the heaviest models' main parts first, so that the last to finish is a light one
-        [(m, "main") for m in sorted(models, key=lambda m: -HEAVINESS.get(m, 1.0))]
-        + [(m, "side") for m in sorted(models, key=lambda m: -HEAVINESS.get(m, 1.0))])
+    units = [(m, "all") for m in models] if workers == 1 else sorted(
+        # the heaviest parts first (longest-processing-time order), so that the last to finish is a light one
+        ((m, p) for m in models for p in ("main", "seeds", "side")
+         if p != "seeds" or any(seeds_for(s, extra_seeds) for s in SEEDED_METHODS if s in methods)),
+        key=lambda u: -HEAVINESS.get(u[0], 1.0) * PART_SHARE[u[1]])
 
     def merge(unit: tuple[str, str], part: dict[str, Any]) -> None:
         done[unit] = part
         for key in ("models", "scoring", "rows", "baselines", "tp_matched", "finetune"):
             report[key] = {} if key == "models" else []
-        for name in (u for m in models for u in ((m, "all"), (m, "side"), (m, "main")) if u in done):
+        for name in (u for m in models for u in ((m, "all"), (m, "side"), (m, "main"), (m, "seeds")) if u in done):
             report["models"].update(done[name]["models"])  # in the models' order, whatever finished first
             for key in ("scoring", "rows", "baselines", "tp_matched", "finetune"):
                 report[key] += done[name][key]
@@ -939,7 +976,8 @@ def main(argv: list[str] | None = None) -> None:
         if plan.share is not None and len(done) < len(units):  # the cores of finished workers go to the others
             plan.share.write_text(str(max(1, common.threads() // min(workers, len(units) - len(done)))), encoding="utf-8")
         common.write_json(out_dir / "quality.json", _jsonable(report))
-        (out_dir / "quality.md").write_text(markdown(report), encoding="utf-8")
+        if report["models"]:  # a seeds or side part alone has no dense rows to compare with yet
+            (out_dir / "quality.md").write_text(markdown(report), encoding="utf-8")
         log(f"{unit[0]} ({unit[1]}) done; wrote {out_dir / 'quality.json'} and quality.md")
 
     if workers == 1:
