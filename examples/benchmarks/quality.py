@@ -34,8 +34,8 @@ later appear automatically) and per FLOPs budget (0.75, 0.5 and 0.3 of the dense
    recommended setting, at every budget.
 
 ``random``, ``shapley`` and ``cluster``, whose channels depend on the seed, are scored with seeds 0, 1
-and 2 (``--seeds``; ``--seeds`` alone: seed 0 only; the cheap ``random`` and ``cluster`` then get seeds
-0-7 and 0-4, :data:`SEED_COUNTS`), and the "Over scoring seeds" table gives each one's mean set size over
+and 2 (``--seeds``; ``--seeds`` alone: seed 0 only), ``random``, free to score, then with seeds 0-7
+(:data:`SEED_COUNTS`), and the "Over scoring seeds" table gives each one's mean set size over
 the seeds with its 95 % interval (Student's t). Every other table shows seed 0.
 prunecp's ``l1`` is also pruned to exactly the FLOPs that Torch-Pruning's bisection reached with tp-l1
 (which lands near the budget, not on it), for a like-for-like column in the comparison.
@@ -119,14 +119,15 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "shapley": {"options": {}, "max_samples": 128},
     "cluster": {"options": {"population": 6, "generations": 1}, "max_samples": 250},
 }
+EVAL_BATCH = 128  # forward batch of every evaluation (one thread: 0.8 s per 750 MobileNet images against 1.2 s at 256)
 RESPLIT_DRAWS = 1000  # random calib/test re-splits per row (LAC coverage and set size: mean and sd)
 RESPLIT_SEED = 1
 SEEDED_METHODS = ("random", "shapley", "cluster")  # scored again with each of --seeds (their draws depend on it)
 EXTRA_SEEDS: tuple[int, ...] = (1, 2)  # default of --seeds: the seeds besides 0
-SEED_COUNTS = {"random": 8, "cluster": 5}
-"""With any ``--seeds``, the cheap seeded methods get at least this many seeds (0 to N - 1): ``random``, the bar
-the others must clear, scatters most (ResNet at 0.5: 1.47-4.57 over seeds 0-7) and costs no scoring;
-``cluster`` scatters as much (1.95-2.84 over seeds 0-4 at the settings below) for a few seconds a seed."""
+SEED_COUNTS = {"random": 8}
+"""With any ``--seeds``, these methods get at least this many seeds (0 to N - 1): ``random``, the bar the others
+must clear, scatters most (ResNet at 0.5: 1.47-4.57 over seeds 0-7) and costs no scoring. (``cluster`` with
+seeds 0-4 as well made the run 22 minutes.)"""
 
 
 def seeds_for(method: str, extra_seeds: tuple[int, ...]) -> tuple[int, ...]:
@@ -142,9 +143,9 @@ QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke mo
 QUICK_SPLIT_SIZES = {"train": 500, "score": 300, "calib": 300, "test": 300}  # --quick: random parts of each split
 QUICK_RESPLIT_DRAWS = 200
 WORKERS = 2  # default of --workers: models run in this many processes, the torch threads split between them
-HEAVINESS = {"mobilenet_small": 3.0, "resnet_small": 1.2, "vgg_small": 0.4}  # relative run time (the q27 run: about
-# 1,300, 540 and 190 s of work)
-PART_SHARE = {"main": 0.6, "seeds": 0.25, "side": 0.2}  # of a model's work (q27: MobileNet about 840 / 220 / 216 s)
+HEAVINESS = {"mobilenet_small": 3.0, "resnet_small": 1.2, "vgg_small": 0.4}  # relative run time (the q28 run: about
+# 1,790, 640 and 240 s of work)
+PART_SHARE = {"main": 0.55, "seeds": 0.3, "side": 0.15}  # of a model's work (MobileNet, q28: 885 / 670 / 233 s)
 PARTS = ("all", "main", "seeds", "side")
 
 
@@ -189,8 +190,9 @@ def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path, *, draw
     from prunecp_cli import api
     from prunecp_cli.measure import count_flops, count_params
 
-    cert = api.calibrate(model_path, data=splits["calib"], alpha=ALPHA, output=cert_path)
-    verdict = api.certify(model_path, cert=cert_path, data=splits["test"])
+    run = api.RunOptions(batch_size=EVAL_BATCH)
+    cert = api.calibrate(model_path, data=splits["calib"], alpha=ALPHA, output=cert_path, run=run)
+    verdict = api.certify(model_path, cert=cert_path, data=splits["test"], run=run)
     model = api.load_model(model_path)
     example = torch.zeros(1, *common.INPUT_SHAPE)
     histogram = verdict["set_size_histogram"]
@@ -213,8 +215,8 @@ def evaluate(model_path: Path, splits: dict[str, Path], cert_path: Path, *, draw
 def resplit_lac(model: Any, splits: dict[str, Path], *, draws: int, seed: int = RESPLIT_SEED) -> dict[str, Any]:
     """LAC at :data:`ALPHA` over ``draws`` random re-splits of calib ∪ test into the same sizes.
 
-    One forward pass of ``model`` over the calib and test images (batches of 256, as ``api.calibrate``
-    and ``api.certify`` run them), then :func:`resplit_stats` on the LAC scores.
+    One forward pass of ``model`` over the calib and test images (batches of :data:`EVAL_BATCH`, as
+    :func:`evaluate` runs ``api.calibrate`` and ``api.certify``), then :func:`resplit_stats` on the LAC scores.
     """
     import torch
 
@@ -223,7 +225,7 @@ def resplit_lac(model: Any, splits: dict[str, Path], *, draws: int, seed: int = 
     parts = [common.load_split(splits[name]) for name in ("calib", "test")]
     model.eval()
     with torch.inference_mode():
-        logits = torch.cat([model(x[i:i + 256]) for x, _ in parts for i in range(0, len(x), 256)])
+        logits = torch.cat([model(x[i:i + EVAL_BATCH]) for x, _ in parts for i in range(0, len(x), EVAL_BATCH)])
     scores = LAC().all_scores(logits).numpy()  # float64 [N, K]: 1 - softmax
     labels = torch.cat([y for _, y in parts]).numpy()
     return resplit_stats(scores, labels, len(parts[0][1]), alpha=ALPHA, draws=draws, seed=seed)
@@ -346,7 +348,8 @@ def evaluate_in_memory(model: Any, splits: dict[str, Path], *, draws: int) -> di
     x, y = common.load_split(splits["test"])
     model.eval()
     with torch.inference_mode():
-        accuracy = float(torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1).eq(y).float().mean())
+        logits = torch.cat([model(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+        accuracy = float(logits.argmax(1).eq(y).float().mean())
     resplit = resplit_lac(model, splits, draws=draws)
     return {"accuracy": accuracy, "resplit": resplit, "params": count_params(model),
             "coverage": resplit["fixed_split_coverage"], "mean_set_size": resplit["fixed_split_set_size"],
