@@ -145,8 +145,7 @@ QUICK_RESPLIT_DRAWS = 200
 WORKERS = 2  # default of --workers: models run in this many processes, the torch threads split between them
 HEAVINESS = {"mobilenet_small": 3.0, "resnet_small": 1.2, "vgg_small": 0.4}  # relative run time (the q28 run: about
 # 1,790, 640 and 240 s of work)
-PART_SHARE = {"main": 0.55, "seeds": 0.3, "side": 0.15}  # of a model's work (MobileNet, q28: 885 / 670 / 233 s)
-PARTS = ("all", "main", "seeds", "side")
+PARTS = ("all", "main", "side")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -743,10 +742,11 @@ def markdown(report: dict[str, Any]) -> str:
 def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     """The rows of one model: ``{"models": {model: ...}, "scoring": [...], "rows": [...], ...}``.
 
-    ``part`` splits the work in three for the worker processes: ``main`` (seed-0 scoring, the one-shot and
-    auto rows, auto's fine-tuning rows), ``seeds`` (the seeded methods' other seeds and their one-shot
-    rows), ``side`` (the Torch-Pruning rows and the fine-tuning rows of the ``taylor`` ranking), none of
-    which needs another's results; or ``all``.
+    ``part`` splits the work in two for the worker processes: ``main`` (scoring with seed 0 and
+    ``--seeds``, the one-shot and auto rows, auto's fine-tuning rows) and ``side`` (the Torch-Pruning rows,
+    the fine-tuning rows of the ``taylor`` ranking, and ``random``'s seeds beyond ``--seeds``), neither of
+    which needs the other's results; or ``all``. (Three parts, the seeds apart, ran two MobileNet parts
+    side by side, which slowed both: 20.5 minutes against 18.6 estimated.)
     """
     if part not in PARTS:
         raise ValueError(f"part {part!r}: use one of {PARTS}")
@@ -758,7 +758,7 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     ft_budget, ft_epochs, iter_model, iter_steps = plan.ft_budget, plan.ft_epochs, plan.iter_model, plan.iter_steps
     quick = plan.quick
     report: dict[str, Any] = {"models": {}, "scoring": [], "rows": [], "baselines": [], "tp_matched": [], "finetune": []}
-    folder = work / "quality" / model / ("" if part in ("all", "main") else part)
+    folder = work / "quality" / model / ("side" if part == "side" else "")
     folder.mkdir(parents=True, exist_ok=True)
     dense, train_record = common.dense_model(model, splits, work, recipe=plan.recipe)
     dense_eval = evaluate(dense, splits, folder / "dense.cert.json", draws=draws)
@@ -768,10 +768,11 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
         f"(re-split mean {dense_eval['resplit']['coverage_mean']:.3f}), mean set size "
         f"{dense_eval['mean_set_size']:.3f} (re-split mean {dense_eval['resplit']['set_size_mean']:.3f}), "
         f"{dense_eval['flops']} FLOPs, {dense_eval['params']} params")
-    jobs = [(method, 0) for method in methods] if part in ("all", "main") else []
-    if part in ("all", "seeds"):
-        jobs += [(method, seed) for method in SEEDED_METHODS if method in methods
-                 for seed in seeds_for(method, extra_seeds)]
+    jobs = []
+    for method, seed in [(m, 0) for m in methods] + [(m, s) for m in SEEDED_METHODS if m in methods
+                                                      for s in seeds_for(m, extra_seeds)]:
+        if part == "all" or (part == "main") == (seed == 0 or seed in extra_seeds):
+            jobs.append((method, seed))
     scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
     prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
                               dense_flops=dense_eval["flops"], draws=draws)
@@ -804,10 +805,6 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
                                 seed=seed)
                     report["rows"].append(row)
                     log_row(f"{scope:<6} {budget}", row)
-    if part == "seeds":
-        for r in report["rows"]:
-            r.pop("path", None)
-        return report
     if part == "side" and "l1" in methods:  # for the l1 rows at Torch-Pruning's FLOPs
         scored[("l1", 0, None)] = score_method(dense, "l1", splits, folder, method_settings.get("l1", {}), keep=None, seed=0)
     auto = scored.get(("auto", 0, None))
@@ -959,16 +956,15 @@ def main(argv: list[str] | None = None) -> None:
     done: dict[str, dict[str, Any]] = {}
 
     units = [(m, "all") for m in models] if workers == 1 else sorted(
-        # the heaviest parts first (longest-processing-time order), so that the last to finish is a light one
-        ((m, p) for m in models for p in ("main", "seeds", "side")
-         if p != "seeds" or any(seeds_for(s, extra_seeds) for s in SEEDED_METHODS if s in methods)),
-        key=lambda u: -HEAVINESS.get(u[0], 1.0) * PART_SHARE[u[1]])
+        # main parts before side parts, heaviest model first, so that the last to finish is a light one
+        ((m, p) for m in models for p in ("main", "side")),
+        key=lambda u: (u[1] != "main", -HEAVINESS.get(u[0], 1.0)))
 
     def merge(unit: tuple[str, str], part: dict[str, Any]) -> None:
         done[unit] = part
         for key in ("models", "scoring", "rows", "baselines", "tp_matched", "finetune"):
             report[key] = {} if key == "models" else []
-        for name in (u for m in models for u in ((m, "all"), (m, "side"), (m, "main"), (m, "seeds")) if u in done):
+        for name in (u for m in models for u in ((m, "all"), (m, "side"), (m, "main")) if u in done):
             report["models"].update(done[name]["models"])  # in the models' order, whatever finished first
             for key in ("scoring", "rows", "baselines", "tp_matched", "finetune"):
                 report[key] += done[name][key]
