@@ -94,8 +94,8 @@ Ignore = Annotated[
 ]
 MaxSamples = Annotated[
     int | None,
-    typer.Option("--max-samples", min=1, help="Score with at most this many examples of --data (a seeded random subset); "
-                 "BatchNorm re-estimation and fine-tuning still use all of it.",
+    typer.Option("--max-samples", min=1, help="Score with at most this many examples of --data (a seeded random subset); auto's "
+                 "comparison, --allocation measured and BatchNorm re-estimation still use all of it.",
                  rich_help_panel="Data"),
 ]
 Opt = Annotated[
