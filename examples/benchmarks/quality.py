@@ -127,7 +127,7 @@ EXTRA_SEEDS: tuple[int, ...] = (1, 2)  # default of --seeds: the seeds besides 0
 SEED_COUNTS = {"random": 8}
 """With any ``--seeds``, these methods get at least this many seeds (0 to N - 1): ``random``, the bar the others
 must clear, scatters most (ResNet at 0.5: 1.47-4.57 over seeds 0-7) and costs no scoring. (``cluster`` with
-seeds 0-4 as well made the run 22 minutes.)"""
+seeds 0-4 as well, in a three-part run, took 22.4 minutes.)"""
 
 
 def seeds_for(method: str, extra_seeds: tuple[int, ...]) -> tuple[int, ...]:
@@ -137,7 +137,7 @@ def seeds_for(method: str, extra_seeds: tuple[int, ...]) -> tuple[int, ...]:
     return extra_seeds
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 """Student's t 0.975 quantile by degrees of freedom (the 95 % interval of a mean over a few seeds)."""
-QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto", "random")  # random: the seeds part, cheaply
+QUICK_METHODS = ("l1", "taylor", "cp-taylor", "cp-bruteforce", "auto", "random")  # random: its seeds beyond --seeds run in the side part
 QUICK_SETTINGS: dict[str, dict[str, Any]] = {"cp-bruteforce": {"options": {}, "max_samples": 64}}
 QUICK_TRAIN = (3, 32, 3e-3)  # --quick: (epochs, batch size, lr) of the smoke model (500 images), cached under WORK/quick
 QUICK_SPLIT_SIZES = {"train": 500, "score": 300, "calib": 300, "test": 300}  # --quick: random parts of each split
@@ -746,7 +746,7 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     ``--seeds``, the one-shot and auto rows, auto's fine-tuning rows) and ``side`` (the Torch-Pruning rows,
     the fine-tuning rows of the ``taylor`` ranking, and ``random``'s seeds beyond ``--seeds``), neither of
     which needs the other's results; or ``all``. (Three parts, the seeds apart, ran two MobileNet parts
-    side by side, which slowed both: 20.5 minutes against 18.6 estimated.)
+    side by side, which slowed both: 20.5 minutes against 18.9 for two parts.)
     """
     if part not in PARTS:
         raise ValueError(f"part {part!r}: use one of {PARTS}")
@@ -771,7 +771,7 @@ def run_model(model: str, plan: Plan, part: str = "all") -> dict[str, Any]:
     jobs = []
     for method, seed in [(m, 0) for m in methods] + [(m, s) for m in SEEDED_METHODS if m in methods
                                                       for s in seeds_for(m, extra_seeds)]:
-        if part == "all" or (part == "main") == (seed == 0 or seed in extra_seeds):
+        if part == "all" or (part == "main") == (seed == 0 or seed in extra_seeds):  # side: random's extra seeds
             jobs.append((method, seed))
     scored: dict[tuple[str, int, float | None], dict[str, Any]] = {}
     prune = functools.partial(prune_row, dense, splits=splits, folder=folder, model=model,
@@ -975,7 +975,7 @@ def main(argv: list[str] | None = None) -> None:
         if plan.share is not None and len(done) < len(units):  # the cores of finished workers go to the others
             plan.share.write_text(str(max(1, common.threads() // min(workers, len(units) - len(done)))), encoding="utf-8")
         common.write_json(out_dir / "quality.json", _jsonable(report))
-        if report["models"]:  # a seeds or side part alone has no dense rows to compare with yet
+        if report["models"]:  # a side part alone has no dense rows to compare with yet
             (out_dir / "quality.md").write_text(markdown(report), encoding="utf-8")
         log(f"{unit[0]} ({unit[1]}) done; wrote {out_dir / 'quality.json'} and quality.md")
 
