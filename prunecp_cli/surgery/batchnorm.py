@@ -4,9 +4,15 @@ Removing channels changes what every later BatchNorm layer sees, so the running 
 stored in the dense model no longer match; in one-shot pruning this mismatch, not the lost
 channels, is often what destroys accuracy. :func:`recalibrate_batchnorm` re-estimates them on data
 (the score split): BatchNorm layers run in training mode (normalising by batch statistics, as
-during training), hooks accumulate the exact per-channel sum and sum of squares of every BatchNorm
-input over all examples in float64, and the running statistics are set to their population mean
-and unbiased variance. Other layers (dropout) stay in eval mode; no weight changes.
+during training) with momentum 1, so that after each batch a layer's running statistics are that
+batch's mean and unbiased variance, computed by its own kernel; a hook adds them up per channel in
+float64 as the batch's sum and sum of squares (sum of squared deviations plus count × mean²), and
+the running statistics are set to the population mean and unbiased variance over all examples.
+Reading the kernel's statistics instead of summing the input again in float64 halves the cost on
+the benchmark CNNs, with the same result to float32 precision. Where a channel's mean is more than
+100 standard deviations (:data:`FLOAT32_SAFE_RATIO`), float32 loses digits, and that layer's batch
+is summed in float64 about its batch mean instead (the tests compare both paths with float64
+moments of the concatenated activations). Other layers (dropout) stay in eval mode; no weight changes.
 
 Training-mode normalisation makes the result depend on which examples share a batch, so under
 ``torchrun`` ranks take whole batches of the single-process order (:func:`prunecp_cli.dist.shard_batches`);
@@ -22,6 +28,9 @@ import torch
 from torch import nn
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Above this mean² / variance a channel's float32 batch variance may lose digits (measured on CPU: relative
+# error ~1e-7 up to a mean of 1,000 standard deviations, ~1e-3 at 10⁵), so that batch is summed in float64.
+FLOAT32_SAFE_RATIO = 1e4
 
 
 def recalibrate_batchnorm(
@@ -45,15 +54,29 @@ def recalibrate_batchnorm(
         return 0
     sums: dict[nn.Module, list[torch.Tensor]] = {}
 
-    def hook(module, inputs):
-        x = inputs[0].detach().double()
-        dims = [d for d in range(x.dim()) if d != 1]
+    def hook(module, inputs, output):
+        # momentum 1: the layer's own kernel has just stored this batch's mean and unbiased variance
+        x = inputs[0].detach()
         count = x.numel() // x.shape[1]
-        stats = sums.setdefault(module, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)] * 2 + [0])
-        sums[module] = [stats[0] + x.sum(dims), stats[1] + (x * x).sum(dims), stats[2] + count]
+        mean, var = module.running_mean.double(), module.running_var.double()
+        if (mean * mean > FLOAT32_SAFE_RATIO * var).any():  # float32 would lose digits: exact float64 sums
+            dims = [d for d in range(x.dim()) if d != 1]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            dev = x.double() - mean.view(shape)
+            spread, spread_sq = dev.sum(dims), (dev * dev).sum(dims)
+            batch = [spread + count * mean, spread_sq + 2 * mean * spread + count * mean * mean, count]
+        else:
+            batch = [count * mean, (count - 1) * var + count * mean * mean, count]
+        stats = sums.get(module)
+        sums[module] = batch if stats is None else [a + b for a, b in zip(stats, batch, strict=True)]
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    seen = 0
+    saved = [(layer.momentum, {k: v.clone() for k, v in layer.named_buffers()}) for layer in layers]
+    for layer in layers:
+        layer.momentum = 1.0
+        layer.running_mean.zero_()  # finite: 0 * old + 1 * batch is exactly the batch's statistic
+        layer.running_var.fill_(1.0)
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    seen, finished = 0, False
     model.eval()
     for layer in layers:
         layer.train()
@@ -62,10 +85,16 @@ def recalibrate_batchnorm(
             for x in batches:
                 model(x)
                 seen += x.shape[0]
+        finished = True
     finally:
         for handle in handles:
             handle.remove()
         model.eval()
+        for layer, (momentum, buffers) in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+            if not finished or layer not in sums:  # failed, or never reached: keep what it had
+                for key, value in layer.named_buffers():
+                    value.copy_(buffers[key])
     reduce = reduce or (lambda t: t)
     for layer in layers:
         if layer not in sums:

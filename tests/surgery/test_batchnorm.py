@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from testsupport import load_npz
 from torch import nn
@@ -39,6 +40,22 @@ def test_statistics_stay_accurate_for_a_large_mean_and_small_spread_over_uneven_
         flat = torch.cat(data).double().transpose(0, 1).reshape(4, -1)
         torch.testing.assert_close(norm.running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)  # float32 storage
         torch.testing.assert_close(norm.running_var.double(), flat.var(1), rtol=1e-3, atol=0)
+
+
+def test_a_failed_pass_leaves_statistics_and_momentum_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, momentum=None), nn.ReLU(),
+                          nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
+    for norm in (model[1], model[4]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(4, 2, 5, 5), torch.randn(4, 3, 5, 5)]  # the second batch has the wrong channel count
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(model, iter(data))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model[1].momentum is None and model[4].momentum == 0.1 and not model.training
 
 
 def test_recalibration_restores_accuracy_after_one_shot_pruning(trained_digits, digits_files):
