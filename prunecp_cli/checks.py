@@ -118,9 +118,16 @@ def check_output(
 def parse_shape(text: str | None) -> list[int] | None:
     """Parse ``--input-shape 3,32,32`` (or ``3x32x32``) into ``[3, 32, 32]``.
 
+    The limits are those of a model file's recorded shape (:func:`prunecp_cli.io.metadata.check_input_shape`):
+    at most :data:`~prunecp_cli.io.metadata.MAX_INPUT_DIMS` sizes and
+    :data:`~prunecp_cli.io.metadata.MAX_INPUT_ELEMENTS` values per example, so that a typo cannot ask for
+    an example tensor of many gigabytes.
+
     Raises:
-        UsageError: not a list of positive integers.
+        UsageError: not a list of positive integers, or over the limits.
     """
+    from prunecp_cli.io.metadata import MAX_INPUT_DIMS, MAX_INPUT_ELEMENTS
+
     if text is None:
         return None
     try:
@@ -129,6 +136,11 @@ def parse_shape(text: str | None) -> list[int] | None:
         raise UsageError(f"--input-shape {text!r}: give C,H,W such as 3,32,32") from None
     if not shape or any(v < 1 for v in shape):
         raise UsageError(f"--input-shape {text!r}: give positive sizes such as 3,32,32")
+    if len(shape) > MAX_INPUT_DIMS:
+        raise UsageError(f"--input-shape {text!r}: give at most {MAX_INPUT_DIMS} sizes (C,H,W), without the batch")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r} asks for {math.prod(shape):,} values per example, more than "
+                         f"prunecp's limit of {MAX_INPUT_ELEMENTS:,}; give the shape of one example, such as 3,224,224")
     return shape
 
 

@@ -95,6 +95,8 @@ def no_torch(tmp_path):
     (["prune", "m.safetensors", "--method", "l1", "--target-flops", "0.5", "-o", "m.safetensors"], "would destroy"),
     (["prune", "m.safetensors", "--method", "l1", "--ratio", "0.2", "--arch-kwargs", "{bad"], "--arch-kwargs"),
     (["score", "m.safetensors", "--input-shape", "3,-1,8"], "--input-shape"),
+    (["score", "m.safetensors", "--input-shape", "3,100000,100000"], "limit of 4,194,304"),
+    (["report", "m.safetensors", "--input-shape", "1,1,3,8,8"], "at most 4 sizes"),
     (["certify", "m.safetensors", "--cert", "c.json", "--data", "t.npz", "--significance", "2"], "--significance"),
     (["report", "m.safetensors", "--format", "markdown", "-o", "r.json"], ".md"),
     (["calibrate", "m.safetensors", "--data", "calib.npz", "--mean", "0.5,abc"], "--mean"),
