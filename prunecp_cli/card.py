@@ -58,7 +58,8 @@ def reproduce_commands(data, certificate: dict[str, Any] | None, verdict: dict[s
         extra = (f" --finetune-data {files.get('fine-tune', score)} --finetune-epochs {tune['epochs']} --loss "
                  f"{tune['loss']}" if tune else "")
         steps = f" --steps {target['steps']}" if target.get("steps", 1) > 1 else ""
-        commands.append(f"prunecp prune DENSE_CHECKPOINT --arch {arch} --method {meta['method']} --data {score} "
+        source = meta.get("source_file") or "DENSE_CHECKPOINT"  # files made before prunecp recorded it
+        commands.append(f"prunecp prune {source} --arch {arch} --method {meta['method']} --data {score} "
                         f"{goal}{steps}{extra} -o {model}")
     if certificate:
         c = certificate
@@ -83,6 +84,7 @@ def card_markdown(data, *, certificate: dict[str, Any] | None, verdict: dict[str
     lines += _table(("field", "value"), [
         ("architecture", f"`{arch.get('arch', '-')}` {json.dumps(arch.get('arch_kwargs') or {})}"),
         ("input", "×".join(str(v) for v in data.input_shape)),
+        ("source checkpoint", data.metadata.get("source_file", "-")),
         ("source checkpoint sha256", data.metadata.get("source_sha256", "-")),
         ("model sha256", certificate["model"]["sha256"] if certificate else "-"),
     ])

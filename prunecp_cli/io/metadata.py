@@ -185,6 +185,7 @@ def _data_records(value: Any) -> str | None:
 #: The extra fields prunecp reads back, each with a check that returns what is wrong (or None).
 EXTRA_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "source_sha256": _str_field,
+    "source_file": _str_field,
     "method": _str_field,
     "method_params": _dict_field,
     "data_sha256": _data_records,

@@ -77,7 +77,7 @@ def _reduction(before, after) -> float | None:
     return 1.0 - after / before
 
 
-PROVENANCE_KEYS = ("method", "target", "source_sha256", "data_sha256", "risk_control", "sparsity", "schedule",
+PROVENANCE_KEYS = ("method", "target", "source_file", "source_sha256", "data_sha256", "risk_control", "sparsity", "schedule",
                    "finetune")
 
 

@@ -267,6 +267,7 @@ def finalise(
     fields = {k: v for k, v in meta.extra.items() if k not in PER_MODEL_RECORDS}
     fields.update({
         "source_sha256": session.loaded.sha256,
+        "source_file": session.loaded.path.name,
         "method": setup.method,
         "method_params": setup.method_params,
         "data_sha256": _unique([u.__dict__ for u in used]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from testsupport import load_npz
@@ -39,6 +40,7 @@ def test_prune_with_scores_records_used_data_and_reports(tmp_path, cli, trained_
     assert 0.55 <= extra["flops_after"] / extra["flops_before"] <= 0.65
     assert {d["role"] for d in extra["data_sha256"]} == {"bn-recalibration"}  # l2 used no data to score
     assert extra["source_sha256"] == open_model(trained_digits["safetensors"]).sha256
+    assert extra["source_file"] == Path(trained_digits["safetensors"]).name
     x, y = load_npz(digits_files["test"])
     with torch.no_grad():
         acc = float((load_model(pruned)(x).argmax(1) == y).float().mean())

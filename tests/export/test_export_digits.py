@@ -29,7 +29,8 @@ def work(tmp_path_factory, trained_digits, digits_files):
     api.calibrate(pruned, digits_files["calib"], alpha=0.1, output=cert, run=api.RunOptions(device="cpu"))
     results = {fmt: api.export(pruned, folder / f"pruned.{fmt}", cert=cert, format=fmt, data=digits_files["score"])
                for fmt in ("onnx", "pt2")}
-    return {"folder": folder, "pruned": pruned, "cert": cert, "results": results, **digits_files}
+    return {"folder": folder, "pruned": pruned, "cert": cert, "results": results, "dense": trained_digits["safetensors"],
+            **digits_files}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
@@ -206,6 +207,8 @@ def test_model_card_states_the_certificate_and_audit(cli, work):
         png = card.parent / name
         assert f"]({name})" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "prunecp calibrate pruned.safetensors --data calib.npz --alpha 0.1" in text
+    dense = Path(work["dense"]).name  # the reproduce command names the checkpoint that was pruned
+    assert f"| source checkpoint | {dense} |" in text and f"prunecp prune {dense} --arch " in text
 
 
 def test_flipped_weight_byte_in_a_pt2_fails_certify_with_exit_4(cli, work):
