@@ -48,6 +48,10 @@ TRAIN = {
     "mobilenet_small": (8, 128, 1e-2),
 }
 TRAIN_SEED = 0
+# Training runs on one torch thread: a float reduction's order depends on the thread count, so two threads give
+# other weights (vgg_small: weights up to 0.2 apart) and other benchmark figures, while one thread retrains the
+# cached model bit for bit on the same machine (checked by retraining vgg_small).
+TRAIN_THREADS = 1
 THREADS = 2
 
 _START = time.perf_counter()
@@ -128,16 +132,21 @@ def dense_model(name: str, splits: dict[str, Path], out: Path, *,
     epochs, batch_size, lr = recipe or TRAIN[name]
     path = out / "models" / f"{name}.safetensors"
     record = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW, cosine, wd 1e-4",
-              "seed": TRAIN_SEED, "trained_on": splits["train"].name,
+              "seed": TRAIN_SEED, "threads": TRAIN_THREADS, "trained_on": splits["train"].name,
               "file": str(path.relative_to(out.parent) if out.parent in path.parents else path)}
     if path.is_file():
         return path, {**record, "cached": True, "train_seconds": None}
     x, y = load_split(splits["train"])
-    log(f"training {name}: {epochs} epochs, batch {batch_size}, lr {lr} on {len(x)} images")
+    log(f"training {name}: {epochs} epochs, batch {batch_size}, lr {lr} on {len(x)} images, {TRAIN_THREADS} torch thread")
     torch.manual_seed(TRAIN_SEED)
     model = getattr(models, name)(num_classes=10, in_channels=1)
     start = time.perf_counter()
-    train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=TRAIN_SEED)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)  # the same weights whichever script, worker count or --threads trains it
+    try:
+        train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=TRAIN_SEED)
+    finally:
+        torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path, ModelMeta(arch=arch_spec(name), arch_kwargs={}, input_shape=INPUT_SHAPE,
