@@ -11,6 +11,7 @@ from it. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ def reproduce_commands(data, certificate: dict[str, Any] | None, verdict: dict[s
     """The commands that rebuild the model and its certificate, from the recorded provenance."""
     meta, model = data.metadata, Path(data.model).name
     arch = (data.architecture or {}).get("arch", "ARCH")
+    arch_kwargs = (data.architecture or {}).get("arch_kwargs") or {}
+    if arch_kwargs:  # the dense checkpoint holds only weights: the architecture needs the same arguments
+        arch = f"{arch} --arch-kwargs {shlex.quote(json.dumps(arch_kwargs, separators=(',', ':')))}"
     files = {r["role"]: r["file"] for r in meta.get("data_sha256") or []}
     target = meta.get("target") or {}
     goal = (f"--target-flops {target['target_flops']}" if target.get("target_flops") is not None

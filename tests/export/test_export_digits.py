@@ -211,6 +211,23 @@ def test_model_card_states_the_certificate_and_audit(cli, work):
     assert f"| source checkpoint | {dense} |" in text and f"prunecp prune {dense} --arch " in text
 
 
+def test_card_reproduce_command_carries_the_architecture_arguments():
+    import shlex
+    from types import SimpleNamespace
+
+    from prunecp_cli.card import reproduce_commands
+
+    data = SimpleNamespace(model="out/r18-p.safetensors", architecture={
+        "arch": "torchvision:resnet18", "arch_kwargs": {"num_classes": 4, "name": "it's"}}, metadata={
+        "method": "l1", "source_file": "r18.pt", "target": {"target_flops": 0.5},
+        "data_sha256": [{"role": "score", "file": "imgs", "sha256": "0" * 64}]})
+    command = reproduce_commands(data, None, None)[0]
+    words = shlex.split(command)  # what a shell passes to prunecp
+    assert words[:3] == ["prunecp", "prune", "r18.pt"]
+    assert json.loads(words[words.index("--arch-kwargs") + 1]) == {"num_classes": 4, "name": "it's"}
+    assert words[words.index("--target-flops") + 1] == "0.5" and words[-2:] == ["-o", "r18-p.safetensors"]
+
+
 def test_flipped_weight_byte_in_a_pt2_fails_certify_with_exit_4(cli, work):
     import zipfile
 
