@@ -47,10 +47,10 @@ def _data_rows(meta: dict[str, Any], certificate: dict[str, Any] | None,
 def reproduce_commands(data, certificate: dict[str, Any] | None, verdict: dict[str, Any] | None) -> list[str]:
     """The commands that rebuild the model and its certificate, from the recorded provenance."""
     meta, model = data.metadata, Path(data.model).name
-    arch = (data.architecture or {}).get("arch", "ARCH")
+    arch_flags = f"--arch {(data.architecture or {}).get('arch', 'ARCH')}"
     arch_kwargs = (data.architecture or {}).get("arch_kwargs") or {}
     if arch_kwargs:  # the dense checkpoint holds only weights: the architecture needs the same arguments
-        arch = f"{arch} --arch-kwargs {shlex.quote(json.dumps(arch_kwargs, separators=(',', ':')))}"
+        arch_flags += f" --arch-kwargs {shlex.quote(json.dumps(arch_kwargs, separators=(',', ':')))}"
     files = {r["role"]: r["file"] for r in meta.get("data_sha256") or []}
     target = meta.get("target") or {}
     goal = (f"--target-flops {target['target_flops']}" if target.get("target_flops") is not None
@@ -63,7 +63,7 @@ def reproduce_commands(data, certificate: dict[str, Any] | None, verdict: dict[s
                  f"{tune['loss']}" if tune else "")
         steps = f" --steps {target['steps']}" if target.get("steps", 1) > 1 else ""
         source = meta.get("source_file") or "DENSE_CHECKPOINT"  # files made before prunecp recorded it
-        commands.append(f"prunecp prune {source} --arch {arch} --method {meta['method']} --data {score} "
+        commands.append(f"prunecp prune {source} {arch_flags} --method {meta['method']} --data {score} "
                         f"{goal}{steps}{extra} -o {model}")
     if certificate:
         c = certificate
