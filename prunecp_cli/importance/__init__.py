@@ -99,6 +99,8 @@ METHODS: dict[str, MethodInfo] = {
             "refresh": (8, "greedy: re-measure every channel every this many rounds (and in the last); in between only the "
                         "cheapest `candidates` chunks by their last costs (1: every channel every round, 2-3x slower)"),
             "candidates": (3, "refresh > 1: chunks of cheapest channels re-measured in the rounds between refreshes"),
+            "bn": ("running", "BatchNorm while scoring: running (the dense model's statistics) or batch (every mask "
+                              "normalised with its own batch statistics, like prune's re-estimation; measured worse)"),
             "max-rows": (128, "most rows (masks x examples) per forward pass (memory vs speed; 128 was fastest on 2 CPU cores)"),
             "max-memory-gb": (2.0, "stop early, naming a --max-samples that fits, above this much kept logits"),
         },

@@ -25,6 +25,14 @@ top of the network becomes when f is silenced (Zhao, Farjudian & Bellotti, Neuro
   benchmark (200 score images, local greedy, mean LAC set size at 0.5 / 0.3 of the FLOPs) ``soft-size``
   gave VGG 0.922 / 1.816, ResNet 1.058 / 2.316, MobileNet 1.815 / 6.172 against 1.138 / 2.437,
   1.461 / 3.123, 2.398 / 5.204 for ``size`` (allocation_probe.py ``--opt measure=...``).
+* **BatchNorm** (option ``bn``, default ``running``): the masked model normalises with the dense
+  model's running statistics, though prune re-estimates them after removal. ``bn=batch`` normalises
+  every mask's rows with their own batch statistics instead (step 5 of
+  :mod:`~prunecp_cli.surgery.masked`), which mimics that re-estimation; measured on the benchmark
+  (400 score images, seed 0, mean LAC set size at 0.5 / 0.3 of the FLOPs, allocation_probe.py
+  ``--opt bn=...``) it helped only the VGG at 0.3: VGG 0.965 / 1.236, ResNet 1.598 / 2.536,
+  MobileNet 3.003 / 6.661 against 0.955 / 1.613, 1.179 / 2.301, 1.149 / 3.556 for ``running``, and
+  scored 1.8-2.5 times slower (55 / 172 / 657 s against 30 / 95 / 261 s).
 * **Greedy schedule** (default, :mod:`~prunecp_cli.importance.cp_greedy`): one-at-a-time effects miss
   redundancy, so the cheapest ``chunk`` channels are silenced, every remaining channel is re-scored
   with them silenced, and so on until ``remove`` of the channels are gone (``scope`` local: within
@@ -99,7 +107,8 @@ class CPBruteForceImportance(Importance):
         channels = {g.name: g.channels for g in ctx.groups}
         greedy = settings.greedy
         saved = _flops_saved(ctx) if greedy is not None and greedy.scope == "global" and settings.per == "flop" else None
-        with MaskedEvaluator(ctx.model, ctx.groups, max_rows=settings.max_rows) as ev:
+        with MaskedEvaluator(ctx.model, ctx.groups, max_rows=settings.max_rows,
+                             batch_statistics=settings.batch_statistics) as ev:
             def measure(alive: dict[str, torch.Tensor], active: set[str] | None = None,
                         only: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
                 return _costs(ctx, ev, data, alive, calibration, settings, active, only)
@@ -123,6 +132,7 @@ class _Settings:
     max_gb: float
     greedy: Greedy | None  # None: one-shot
     per: str  # global greedy: cost per "flop" saved or per "channel"
+    batch_statistics: bool  # bn=batch
 
 
 def _settings(opts: dict) -> _Settings:
@@ -137,6 +147,8 @@ def _settings(opts: dict) -> _Settings:
     per = str(opts["per"])
     if per not in ("flop", "channel"):
         raise UsageError(f"--opt per={per}: use flop or channel")
+    if str(opts["bn"]) not in ("batch", "running"):
+        raise UsageError(f"--opt bn={opts['bn']}: use batch or running")
     fraction, remove = float(opts["cal-fraction"]), float(opts["remove"])
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"--opt cal-fraction={fraction} must lie in (0, 1)")
@@ -151,7 +163,7 @@ def _settings(opts: dict) -> _Settings:
         scope="global" if scope == "global" else "local", remove=remove, chunk=int(opts["chunk"]),
         max_rounds=int(opts["max-rounds"]), refresh=int(opts["refresh"]), candidates=int(opts["candidates"]))
     return _Settings(float(opts["alpha"]), measure, float(opts["temperature"]), fraction, int(opts["resplits"]),
-                     int(opts["max-rows"]), float(opts["max-memory-gb"]), greedy, per)
+                     int(opts["max-rows"]), float(opts["max-memory-gb"]), greedy, per, str(opts["bn"]) == "batch")
 
 
 def _flops_saved(ctx: ImportanceContext):

@@ -23,6 +23,14 @@ masks of one group. Four things make that affordable:
    (on 2 cores 128 rows per pass was the fastest of 128, 256, 512 and 1,024); larger
    passes are meant for GPUs, where they were not measured.
 
+5. **Batch statistics** (``batch_statistics=True``). Pruning re-estimates BatchNorm on the score
+   data, so a layer after a removed channel normalises with the statistics of its new input, not the
+   dense model's. With this flag every BatchNorm layer normalises each mask's rows with their own
+   batch mean and (biased) variance, as a training-mode layer does but per mask and without
+   touching the running buffers: a mask's output is the model whose BatchNorm statistics were
+   re-estimated on this batch. Channel-wise statistics keep steps 2-3 exact: a channel a mask does
+   not reach sees the same input, so the same statistics.
+
 Each group's plan is checked once against full gated forward passes on two masks (to a relative
 1e-4: a wrong trace is off by far more, float reordering by far less). A model that ``torch.fx``
 cannot trace, or a plan whose check fails (e.g. in-place tricks the trace cannot see), falls back
@@ -33,6 +41,7 @@ are not 0/1 skip steps 2-3. The model must be in eval mode and deterministic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +52,13 @@ from torch import fx, nn
 from prunecp_cli.surgery.gates import ChannelGates
 from prunecp_cli.surgery.groups import ChannelGroup
 from prunecp_cli.surgery.masked_interpreter import execute, repeat_batch, times_mask
-from prunecp_cli.surgery.masked_plan import GroupPlan, needed_values, plan_group, trace_model
+from prunecp_cli.surgery.masked_plan import (
+    CHANNELWISE_NORMS,
+    GroupPlan,
+    needed_values,
+    plan_group,
+    trace_model,
+)
 
 
 class MaskedEvaluator:
@@ -62,16 +77,19 @@ class MaskedEvaluator:
         use_fx: trace with torch.fx for prefix reuse (False: always full forward passes).
         linear_budget_mb: most memory for one convolution's im2col columns (step 3 of the module
             docstring) for one batch; a larger one runs that convolution per mask instead.
+        batch_statistics: BatchNorm layers normalise every mask's rows with their own batch
+            statistics (step 5 of the module docstring) instead of the running ones.
     """
 
     def __init__(self, model: nn.Module, groups: Iterable[ChannelGroup], *, max_rows: int = 256,
-                 use_fx: bool = True, linear_budget_mb: float = 256.0) -> None:
+                 use_fx: bool = True, linear_budget_mb: float = 256.0, batch_statistics: bool = False) -> None:
         self.groups = {g.name: g for g in groups}
         self.max_rows = max_rows
         self.linear_budget = linear_budget_mb * 2**20
         self._graph = trace_model(model) if use_fx else None
         self.model = model
         self.gates = ChannelGates(model, self.groups.values())
+        self._statistics = BatchStatistics(model) if batch_statistics else None
         self._plans: dict[str, GroupPlan | None] = {}
         if self._graph is not None:
             self._plans = {name: plan_group(self._graph, group) for name, group in self.groups.items()}
@@ -84,9 +102,13 @@ class MaskedEvaluator:
 
     def __enter__(self) -> MaskedEvaluator:
         self.gates.__enter__()
+        if self._statistics is not None:
+            self._statistics.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._statistics is not None:
+            self._statistics.__exit__(*exc)
         self.gates.__exit__(*exc)
         self._values = {}
         self._columns = {}
@@ -113,6 +135,8 @@ class MaskedEvaluator:
             self.gates.set(name, mask.to(x.device, torch.float32))
         self._x = x
         self._columns = {}
+        if self._statistics is not None:
+            self._statistics.rows = x.shape[0]
         if self._graph is None:
             self._values = {}
             return self.model(x)
@@ -240,3 +264,37 @@ class MaskedEvaluator:
                     return
         self._plans[group] = None
 
+
+
+class BatchStatistics:
+    """While entered, every BatchNorm layer of a model normalises with its input's own batch statistics.
+
+    The input's rows are read as consecutive blocks of :attr:`rows` (one block per mask of a
+    :class:`MaskedEvaluator` pass; None: all rows one block), and each block is normalised with its
+    own per-channel mean and biased variance, then scaled and shifted by the layer's affine
+    parameters: a training-mode forward per block that leaves the running buffers alone.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, CHANNELWISE_NORMS)]
+        self.rows: int | None = None
+
+    def __enter__(self) -> BatchStatistics:
+        for layer in self.layers:
+            layer.forward = functools.partial(self._forward, layer)  # instance attribute: hooks still run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+    def _forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rows = self.rows or x.shape[0]
+        blocks = x.reshape(-1, rows, *x.shape[1:])  # [M, B, C, ...]
+        dims = [1, *range(3, blocks.dim())]
+        var, mean = torch.var_mean(blocks, dim=dims, keepdim=True, correction=0)
+        out = (blocks - mean) * torch.rsqrt(var + layer.eps)
+        if layer.affine:
+            shape = (1, 1, -1) + (1,) * (blocks.dim() - 3)
+            out = out * layer.weight.reshape(shape) + layer.bias.reshape(shape)
+        return out.reshape(x.shape)

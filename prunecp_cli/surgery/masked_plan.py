@@ -32,7 +32,7 @@ _ZERO_PRESERVING_FUNCTIONS = {
 }
 _ZERO_PRESERVING_METHODS = {"relu", "relu_"}
 ADD = {operator.add, torch.add}  # also read by the interpreter (skip connections)
-_CHANNELWISE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CHANNELWISE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def _mask_channel_map(module: nn.Module, node: fx.Node, suffix: set[fx.Node], ma
                 return None
             if not any(a in suffix for a in inputs):
                 return gate  # a gated layer of clean inputs
-            if isinstance(layer, _CHANNELWISE_NORMS) and only in maps and torch.equal(maps[only], gate):
+            if isinstance(layer, CHANNELWISE_NORMS) and only in maps and torch.equal(maps[only], gate):
                 return gate  # channel-wise, then gated again with the same mask
             return None
         simple = len(node.args) == 1 and not node.kwargs and only in maps

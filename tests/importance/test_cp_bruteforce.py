@@ -7,6 +7,8 @@ its own copy of such a loop (a benchmark does not import from the tests).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -23,15 +25,19 @@ from prunecp_cli.surgery.gates import ChannelGates
 from prunecp_cli.surgery.groups import ModelGraph
 
 
-def plain_loop_cp_bruteforce(model, groups, data, *, alpha=0.1, seed=0, batch_size=128, cal_fraction=0.5):
+def plain_loop_cp_bruteforce(model, groups, data, *, alpha=0.1, seed=0, batch_size=128, cal_fraction=0.5,
+                             bn="running"):
     """Reference: per channel, zero it with a gate and re-run the whole model on all of ``data``.
 
     The data are split as cp-bruteforce documents: a ``seed`` random ``cal_fraction`` of the rows
-    calibrates LAC, the rest measures E = (mean set size + observed fuzziness) / 2.
+    calibrates LAC, the rest measures E = (mean set size + observed fuzziness) / 2. With ``bn="batch"``
+    the model runs in training mode (BatchNorm normalises with each batch's statistics; the models
+    have no dropout), on a copy so that the running statistics stay.
 
     Returns:
         ``{group: {"size-of": [C], "size": [C], "of": [C]}}``: E(channel off) − E(clean).
     """
+    model = copy.deepcopy(model).train() if bn == "batch" else model
     rows = data.rows
     cal_rows = torch.from_numpy(rows[np.random.default_rng(seed).permutation(len(rows))[: round(cal_fraction * len(rows))]])
     lac = LAC()
@@ -93,9 +99,9 @@ def test_equals_plain_loop_on_trained_cnn_for_every_measure(trained_digits, digi
     model = trained_digits["model"]
     data = open_dataset(digits_files["score"])
     ctx = _context(model, data, batch_size=128, seed=3)
-    reference = plain_loop_cp_bruteforce(model, ctx.groups, data, seed=3)
+    reference = plain_loop_cp_bruteforce(model, ctx.groups, data, seed=3, bn="running")
     for measure in ("size-of", "size", "of"):
-        ctx.options = {"measure": measure, **ONE_SPLIT}
+        ctx.options = {"measure": measure, "bn": "running", **ONE_SPLIT}
         scores = registry.create("cp-bruteforce")(ctx)
         for group in ctx.groups:
             assert torch.allclose(scores[group.name], reference[group.name][measure], atol=1e-5, rtol=0), (
@@ -105,14 +111,16 @@ def test_equals_plain_loop_on_trained_cnn_for_every_measure(trained_digits, digi
     assert ctx.groups[-1].name == "features.0.0"
     assert (first > 0).double().mean() >= 0.75 and first.mean() > 0.02 and first.max() > 0.1
 
-def test_equals_plain_loop_on_coupled_groups_with_chunking_and_a_short_last_batch(residual_model, digits_files):
+@pytest.mark.parametrize("bn", ["batch", "running"])
+def test_equals_plain_loop_on_coupled_groups_with_chunking_and_a_short_last_batch(residual_model, digits_files, bn):
     data = open_dataset(digits_files["score"])
     ctx = _context(residual_model, data, batch_size=100, seed=0, max_samples=250,
-                   options={"max-rows": 64, "cal-fraction": 0.4, "measure": "size-of", **ONE_SPLIT})
+                   options={"max-rows": 64, "cal-fraction": 0.4, "measure": "size-of", "bn": bn, **ONE_SPLIT})
     scores = registry.create("cp-bruteforce")(ctx)
     used = ctx.dataset()
     assert len(used) == 250
-    reference = plain_loop_cp_bruteforce(residual_model, ctx.groups, used, seed=0, batch_size=100, cal_fraction=0.4)
+    reference = plain_loop_cp_bruteforce(residual_model, ctx.groups, used, seed=0, batch_size=100, cal_fraction=0.4,
+                                         bn=bn)
     assert any(len(g.gate_points) > 1 for g in ctx.groups)  # residual and concatenation couplings
     for group in ctx.groups:
         assert torch.allclose(scores[group.name], reference[group.name]["size-of"], atol=1e-5, rtol=0), group.name

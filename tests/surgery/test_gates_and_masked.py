@@ -98,6 +98,34 @@ def test_masked_evaluator_equals_full_gated_passes(name):
         assert not torch.allclose(fast[0], clean)  # the masks really act
 
 
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_batch_statistics_equal_a_training_mode_pass_per_mask_and_leave_buffers_alone(name):
+    """``batch_statistics=True``: each mask's output is the gated model whose BatchNorms use that batch's statistics."""
+    make, shape = MAKERS[name]
+    model = _randomised(make)
+    x = torch.randn(6, *shape)
+    graph = ModelGraph(model, x[:1])
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = copy.deepcopy(model).train()  # training-mode BatchNorm: batch mean and biased variance
+    generator = torch.Generator().manual_seed(2)
+    with MaskedEvaluator(model, graph.groups, max_rows=12, batch_statistics=True) as ev:
+        clean = ev.prepare(x)
+        with torch.no_grad():
+            assert torch.allclose(clean, reference(x), atol=1e-5, rtol=1e-5)
+        for group in graph.groups:
+            masks = (torch.rand(3, group.channels, generator=generator) > 0.4).float()
+            fast = ev.evaluate(group.name, masks)
+            with ChannelGates(reference, graph.groups) as gates, torch.no_grad():
+                for i in range(len(masks)):
+                    gates.set(group.name, masks[i])
+                    assert torch.allclose(fast[i], reference(x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the running statistics are used again, untouched
+        assert not torch.allclose(clean, model(x), atol=1e-3)
+        assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+        assert not model.training and "forward" not in vars(next(m for m in model.modules()
+                                                                if isinstance(m, torch.nn.BatchNorm2d)))
+
 def test_masked_evaluator_reuses_prefix_and_falls_back_without_trace():
     model = _randomised(resnet_small)
     x = torch.randn(2, 1, 16, 16)
