@@ -167,4 +167,13 @@ def test_auto_with_measured_shares_prunes_the_model_it_judged(cli, trained_digit
     record = meta.extra["auto"]
     chosen = next(c for c in record["candidates"] if c["method"] == record["chosen"])
     assert meta.extra["flops_after"] / meta.extra["flops_before"] == pytest.approx(chosen["flops_kept"], abs=1e-9)
-    assert abs(chosen["flops_kept"] - 0.5) <= 0.01 and meta.extra["target"]["allocation"] == "measured"
+    assert meta.extra["target"]["allocation"] == "measured"
+    # the FLOPs search picks the count closest to the target, so it is met to half of one channel's FLOPs
+    # (a stem channel of the digits CNN is about 4 % of them; which channels go depends on the training)
+    model = trained_digits["model"].eval()
+    example = torch.zeros(1, 1, 8, 8)
+    graph = ModelGraph(model, example)
+    flops_model = FlopsModel(model, graph.groups, flops_by_module(model, example))
+    one_channel = max(flops_model.total - flops_model({g.name: [0]}) for g in graph.groups) / flops_model.total
+    assert 0.02 < one_channel < 0.05
+    assert abs(chosen["flops_kept"] - 0.5) <= one_channel / 2 + 1e-9
