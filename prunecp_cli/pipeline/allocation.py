@@ -9,17 +9,20 @@ decides how many by measuring, on the score data, what the network's output lose
    scores (least important first), so a group's candidate is always its next ``step`` share of
    channels in that order (rounded to ``--round-to``, within ``--max-layer-ratio`` and ``--protect``).
 2. Every round, each group's candidate is silenced on top of everything removed so far (channels
-   zeroed after their normalisation, as removal does in eval mode; on
-   :class:`~prunecp_cli.surgery.masked.MaskedEvaluator`, which re-runs only the layers after the
-   group), and its *damage* is measured: the mean KL divergence of the masked model's softmax from
-   the unpruned model's, on ``examples`` score examples (labels are not needed).
+   zeroed after their normalisation by :class:`~prunecp_cli.surgery.gates.ChannelGates` on a copy of
+   the model whose BatchNorm layers normalise with batch statistics, as after prune's recalibration;
+   see :class:`_Damage`), and its *damage* is measured: the mean KL divergence of the masked model's
+   softmax from the unpruned model's, on ``examples`` score examples (labels are not needed). Every
+   measurement is a whole forward pass of the copy.
 3. The candidate with the smallest increase of damage per FLOP it saves (predicted by
    :class:`~prunecp_cli.surgery.select.FlopsModel`) is removed, and the next round starts, until the
    FLOPs target is passed by :data:`MARGIN` of the dense FLOPs (so that the FLOPs search has room).
 
 The result is handed to the global selection as scores on one scale: a channel's key is the order in
 which it was removed; channels never removed follow, by their within-group rank. Cost: one round per
-removed chunk, each about (number of groups) passes of the network's tail over ``examples`` images.
+removed chunk; a round re-measures, lazily, only the candidate that looks cheapest by its last
+measurement until the cheapest one is current (``lazy``; without it, every group's candidate, one
+whole forward pass over ``examples`` images each).
 The path does not depend on the target, only where it stops: within one process a path is kept and
 resumed or cut for another target (:func:`measured_keys`), so a budget sweep walks it once.
 """
