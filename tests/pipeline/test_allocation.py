@@ -126,6 +126,26 @@ def test_a_cached_greedy_path_gives_a_fresh_runs_keys_at_every_goal(digits_resne
     assert calls
 
 
+def test_the_channels_last_damage_equals_the_contiguous_one(digits_resnet, digits_files, monkeypatch):
+    """The CPU damage runs channels-last; the same masks must give the same damage as the plain layout."""
+    model, graph, _, _ = _resnet_with_random_scores(digits_resnet)
+    batches = [b.x for b in open_dataset(digits_files["score"]).batches(128, device=torch.device("cpu"))][:2]
+    fast = allocation_module._Damage(model, graph.groups, batches)
+    monkeypatch.setattr(allocation_module, "_fast_layout", lambda module, xs: xs)
+    plain = allocation_module._Damage(model, graph.groups, batches)
+    def layout(damage):  # of a convolution with several input channels (a 1-channel image is both layouts)
+        weight = next(m.weight for m in damage.copy.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        return weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+
+    assert layout(fast) == (True, False) and layout(plain) == (False, True)
+    rng = torch.Generator().manual_seed(0)
+    for group in graph.groups[:4]:
+        masks = {group.name: (torch.rand(group.channels, generator=rng) > 0.4).float()}
+        assert fast(masks) == pytest.approx(plain(masks), rel=1e-4, abs=1e-7)
+        assert fast(masks) > fast({}) + 1e-6  # the masks do change the output
+    assert next(model.parameters()).is_contiguous()  # the caller's model keeps its layout
+
+
 def test_measured_shares_keep_round_to_widths(digits_resnet, digits_files):
     model = open_model(digits_resnet).model.eval()
     example = torch.zeros(1, 1, 8, 8)
