@@ -131,7 +131,7 @@ def test_the_channels_last_damage_equals_the_contiguous_one(digits_resnet, digit
     model, graph, _, _ = _resnet_with_random_scores(digits_resnet)
     batches = [b.x for b in open_dataset(digits_files["score"]).batches(128, device=torch.device("cpu"))][:2]
     fast = allocation_module._Damage(model, graph.groups, batches)
-    monkeypatch.setattr(allocation_module, "_fast_layout", lambda module, xs: xs)
+    monkeypatch.setattr(allocation_module, "adopt_channels_last", lambda *args: False)
     plain = allocation_module._Damage(model, graph.groups, batches)
     def layout(damage):  # of a convolution with several input channels (a 1-channel image is both layouts)
         weight = next(m.weight for m in damage.copy.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
