@@ -68,8 +68,8 @@ Set-up and deviations (stated in the Markdown header too):
 
 Run from the repository root (writes ``examples/benchmarks/results/quality.{json,md}``)::
 
-    python examples/benchmarks/quality.py            # full run: 31.9 min measured on 2 slow CPU cores, training
-                                                     # included (18.9 min with cached models on faster ones)
+    python examples/benchmarks/quality.py            # full run: 13.6 min measured on 2 CPU cores from a fresh
+                                                     # clone, training included (13.4 with cached models)
     python examples/benchmarks/quality.py --quick    # smoke run under --work/quick: 35 s measured (1 thread,
                                                      # 2 shared cores)
 """
