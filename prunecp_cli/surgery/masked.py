@@ -39,7 +39,8 @@ are not 0/1 skip steps 2-3. The model must be in eval mode and deterministic.
 
 On a CPU the model and the batches are held channels-last while the evaluator is open
 (:func:`~prunecp_cli.surgery.layout.adopt_channels_last`, checked on the first batch against the
-standard layout; restored on exit): the same values to float rounding, about 1.4 times faster.
+standard layout; restored on exit): the same values to float rounding, and on the benchmark's
+MobileNet cp-bruteforce 1.4-1.5 times faster (63-68 s against 42-49 s on 100 score images).
 """
 
 from __future__ import annotations
