@@ -5,9 +5,9 @@ Only the layout in memory changes, not the indexing: every layer, hook and gate 
 (one thread, 128 MNIST images, BatchNorm on batch statistics, the benchmark's CNNs: VGG 0.050 → 0.038 s,
 ResNet 0.122 → 0.085 s, MobileNet 0.331 → 0.198 s per forward pass; torchvision's resnet18 on 96×96
 images 0.32 → 0.22 s, on 32×32 no change). In the benchmark run (examples/benchmarks/quality.py, same
-figures to the third decimal) MobileNet's cp-bruteforce scoring took 129 s against 248 s and its
-shapley 44 s against 111 s; the ResNet's cp-bruteforce was no faster. GPUs and models without 2-d
-convolutions are left alone.
+figures to the third decimal) MobileNet's cp-bruteforce scoring took 129 and 109 s in two runs against
+248 s before, and its shapley 39-64 s against 111-125 s per seed; the ResNet's cp-bruteforce was no
+faster (67-72 s against 70 s). GPUs and models without 2-d convolutions are left alone.
 """
 
 from __future__ import annotations
